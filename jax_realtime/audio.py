@@ -1,0 +1,123 @@
+"""Audio constants, decoding and the log-mel spectrogram.
+
+Every size is derived from the few numbers Whisper was trained with, so a change in one place
+cannot leave another inconsistent.  The log-mel spectrogram is written in ``jax.numpy`` so that it
+runs inside the engine's compiled function; it matches transformers' ``WhisperFeatureExtractor``.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+from typing import BinaryIO, Union
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+N_FFT = 400  # 25 ms window
+HOP_LENGTH = 160  # 10 ms hop
+CHUNK_LENGTH = 30  # seconds of audio in a full Whisper window
+N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples in a 30 s window
+N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in a 30 s window
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
+N_SAMPLES_PER_TOKEN = HOP_LENGTH * 2  # 320: the encoder's second conv has stride 2
+TOKENS_PER_SECOND = SAMPLE_RATE // N_SAMPLES_PER_TOKEN  # 50 audio positions per second
+TIME_PRECISION = 1 / TOKENS_PER_SECOND  # 0.02 s: the step of Whisper's timestamp tokens
+
+AudioSource = Union[str, os.PathLike, bytes, BinaryIO]
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used: undecodable, empty, or of the wrong form."""
+
+
+def window_samples(window_s: float) -> int:
+    """Samples in an encoder window of ``window_s`` seconds (must be a whole number of positions)."""
+    positions = round(window_s * TOKENS_PER_SECOND)
+    if positions <= 0 or abs(positions - window_s * TOKENS_PER_SECOND) > 1e-6:
+        raise ValueError(f"window of {window_s} s is not a positive multiple of {TIME_PRECISION} s")
+    return positions * N_SAMPLES_PER_TOKEN
+
+
+def decode_audio(source: AudioSource, name: str | None = None) -> np.ndarray:
+    """Decode wav/flac/ogg/mp3 (anything libsndfile reads) to mono float32 at 16 kHz.
+
+    ``source`` is a path, the file's bytes, or a binary file object.  Stereo is mixed down by
+    averaging the channels; other sample rates are resampled with soxr.  Raises
+    :class:`AudioError` naming the input for anything that is not usable audio.
+    """
+    import soundfile as sf
+    import soxr
+
+    if name is None:
+        name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<audio>"
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.exists(source):
+            raise AudioError(f"{name}: no such file")
+        if os.path.isdir(source):
+            raise AudioError(f"{name}: is a directory, not an audio file")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise AudioError(f"{name}: the file is empty")
+        source = io.BytesIO(bytes(source))
+    try:
+        data, rate = sf.read(source, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise AudioError(f"{name}: cannot decode audio ({exc})") from exc
+    except OSError as exc:
+        raise AudioError(f"{name}: cannot read file ({exc.strerror or exc})") from exc
+    if data.size == 0:
+        raise AudioError(f"{name}: contains no audio samples")
+    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if rate != SAMPLE_RATE:
+        mono = soxr.resample(mono, rate, SAMPLE_RATE)
+    mono = np.ascontiguousarray(mono, dtype=np.float32)
+    if not np.all(np.isfinite(mono)):
+        raise AudioError(f"{name}: audio contains NaN or infinite samples")
+    return mono
+
+
+def pcm16_to_float32(data: bytes) -> np.ndarray:
+    """Little-endian PCM16 bytes to float32 samples in [-1, 1)."""
+    if len(data) % 2:
+        raise AudioError("PCM16 audio must have an even number of bytes")
+    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+
+
+@functools.lru_cache(maxsize=4)
+def mel_filters(n_mels: int) -> np.ndarray:
+    """Slaney-style mel filter bank, shape ``(N_FFT // 2 + 1, n_mels)``, as Whisper uses it."""
+    from transformers.audio_utils import mel_filter_bank
+
+    return mel_filter_bank(
+        num_frequency_bins=N_FFT // 2 + 1,
+        num_mel_filters=n_mels,
+        min_frequency=0.0,
+        max_frequency=SAMPLE_RATE / 2,
+        sampling_rate=SAMPLE_RATE,
+        norm="slaney",
+        mel_scale="slaney",
+    ).astype(np.float32)
+
+
+def log_mel_spectrogram(audio, n_mels: int):
+    """Whisper's log-mel spectrogram of ``audio`` (``[batch, samples]``) in ``jax.numpy``.
+
+    Returns ``[batch, n_mels, samples // HOP_LENGTH]``.  Same steps as openai-whisper and
+    transformers: centred STFT (reflect padding) with a periodic Hann window, power spectrum,
+    mel projection, ``log10`` clamped at 1e-10, dynamic range limited to 8 (per row), then scaled
+    to roughly [-1, 1].  The last STFT frame is dropped, so a 30 s window gives 3000 frames.
+    """
+    import jax.numpy as jnp
+
+    n_frames = audio.shape[-1] // HOP_LENGTH
+    padded = jnp.pad(audio, ((0, 0), (N_FFT // 2, N_FFT // 2)), mode="reflect")
+    index = (np.arange(n_frames)[:, None] * HOP_LENGTH + np.arange(N_FFT)[None, :]).astype(np.int32)
+    window = np.hanning(N_FFT + 1)[:-1].astype(np.float32)  # periodic Hann
+    frames = padded[:, index] * window  # [batch, frames, N_FFT]
+    power = jnp.abs(jnp.fft.rfft(frames, axis=-1)) ** 2  # [batch, frames, N_FFT // 2 + 1]
+    mel = jnp.einsum("bfk,km->bmf", power, mel_filters(n_mels), precision="highest")
+    log_spec = jnp.log10(jnp.maximum(mel, 1e-10))
+    log_spec = jnp.maximum(log_spec, log_spec.max(axis=(1, 2), keepdims=True) - 8.0)
+    return (log_spec + 4.0) / 4.0

@@ -1,0 +1,153 @@
+"""Configuration: the model's dimensions and the engine's settings.
+
+``ModelDims`` is read from a checkpoint, never written by hand.  ``EngineConfig`` is what an
+operator chooses (model, dtype, shape buckets, cache directory); it is a frozen, validated
+pydantic model so that a bad value fails at load time with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .audio import CHUNK_LENGTH, TOKENS_PER_SECOND
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDims:
+    """Whisper's hyper-parameters (openai-whisper's ``ModelDimensions``)."""
+
+    n_mels: int
+    n_vocab: int
+    n_audio_ctx: int
+    n_audio_state: int
+    n_audio_head: int
+    n_audio_layer: int
+    n_text_ctx: int
+    n_text_state: int
+    n_text_head: int
+    n_text_layer: int
+
+    @property
+    def multilingual(self) -> bool:
+        # 51864 tokens for English-only models, 51865 (and more for large-v3) otherwise.
+        return self.n_vocab >= 51865
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Whisper samples at most half the text context per 30 s window (224)."""
+        return self.n_text_ctx // 2
+
+
+def default_cache_dir() -> str:
+    """Where converted weights and compiled programs are kept (``$JAX_REALTIME_CACHE``)."""
+    env = os.environ.get("JAX_REALTIME_CACHE")
+    if env:
+        return env
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jax-realtime")
+
+
+DEFAULT_MODEL = "tiny.en"
+
+
+class EngineConfig(BaseModel):
+    """What the engine compiles and how.
+
+    * ``batch_buckets``: batch sizes the engine compiles; a call is padded up to the smallest that
+      fits (rounded up to a multiple of the device count).
+    * ``window_buckets``: encoder windows in seconds.  Whisper's window is 30 s; shorter windows
+      encode only the first ``W * 100`` mel frames and ``W * 50`` positions, which is much cheaper
+      and, from 15 s up, as accurate (see ``docs/measurements`` and ``scripts/eval_windows.py``).
+      30 s must be present for long-form audio and for the fallback from a short window.
+    * ``prompt_buckets``: lengths of the token prefix (previous text + start-of-transcript
+      sequence) the decoder prefills in one pass.  The largest must hold Whisper's longest
+      prompt: 223 previous tokens + ``<|startofprev|>`` + 4 = 228.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(DEFAULT_MODEL, min_length=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_buckets: tuple[int, ...] = (1, 4, 8)
+    window_buckets: tuple[float, ...] = (10.0, 20.0, 30.0)
+    prompt_buckets: tuple[int, ...] = (8, 64, 232)
+    window_fallback: bool = True  # re-decode degenerate short-window output in a longer window
+    cache_dir: str = Field(default_factory=default_cache_dir)
+    compilation_cache: bool = True
+
+    @field_validator("batch_buckets", "prompt_buckets")
+    @classmethod
+    def _positive_sorted(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value:
+            raise ValueError("needs at least one bucket")
+        if any(v <= 0 for v in value):
+            raise ValueError("buckets must be positive")
+        return tuple(sorted(set(value)))
+
+    @field_validator("window_buckets")
+    @classmethod
+    def _windows(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value:
+            raise ValueError("needs at least one window")
+        for w in value:
+            positions = w * TOKENS_PER_SECOND
+            if not 0 < w <= CHUNK_LENGTH or abs(positions - round(positions)) > 1e-6:
+                raise ValueError(f"window {w} s must be in (0, {CHUNK_LENGTH}] and a multiple of 0.02 s")
+        return tuple(sorted(set(float(w) for w in value)))
+
+    @model_validator(mode="after")
+    def _full_window_present(self) -> "EngineConfig":
+        if max(self.window_buckets) != CHUNK_LENGTH:
+            raise ValueError(f"window_buckets must include {CHUNK_LENGTH} s (Whisper's full window)")
+        if max(self.prompt_buckets) < 8:
+            raise ValueError("the largest prompt bucket must hold at least the start sequence (8)")
+        return self
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the file, key and problem."""
+
+
+class ServiceConfig(BaseModel):
+    """Everything a deployment configures, one TOML table per section."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+
+def load_config(path: str | os.PathLike | None = None, **engine_overrides) -> ServiceConfig:
+    """Read and validate a TOML config (defaults when ``path`` is None).
+
+    ``engine_overrides`` (command-line flags) replace values of the ``[engine]`` table; ``None``
+    values are ignored.  Errors name the file and the exact key.
+    """
+    import tomllib
+
+    from pydantic import ValidationError
+
+    data: dict = {}
+    where = os.fspath(path) if path is not None else "<defaults>"
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read ({exc.strerror or exc})") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{where}: not valid TOML ({exc})") from exc
+    overrides = {k: v for k, v in engine_overrides.items() if v is not None}
+    if overrides:
+        data = {**data, "engine": {**data.get("engine", {}), **overrides}}
+    try:
+        return ServiceConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            problems.append(f"{key}: {err['msg']}" + (f" (got {err['input']!r})" if "input" in err and err["type"] != "missing" else ""))
+        raise ConfigError(f"{where}: " + "; ".join(problems)) from None

@@ -1,0 +1,404 @@
+"""The engine: Whisper compiled for a fixed set of shapes, batched and sharded.
+
+This is the only module that calls ``jax.jit``.  One function per shape bucket runs everything
+the device does for a batch of windows: log-mel -> encoder -> cross-attention keys/values ->
+language detection (multilingual models) -> prompt prefill -> greedy decoding in a
+``lax.while_loop`` that stops as soon as every row has finished.
+
+A bucket is ``(batch, window seconds, prompt length)``.  All buckets are compiled ahead of time
+by :meth:`Engine.warmup`; afterwards a call is padded up to a bucket and runs a compiled
+executable, so nothing compiles while serving.  Every XLA compilation in the process is counted
+(:func:`compile_stats`) so tests and operators can check that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import sharding
+from .audio import CHUNK_LENGTH, SAMPLE_RATE, log_mel_spectrogram, window_samples
+from .config import EngineConfig
+from .decoding import (
+    COMPRESSION_RATIO_THRESHOLD,
+    DecodeState,
+    DecodingIds,
+    Segment,
+    compression_ratio,
+    greedy_step,
+    split_segments,
+)
+from .model import Whisper, empty_cache
+from .tokenizer import LANGUAGES, WhisperTokenizer
+from .weights import Checkpoint, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+# -- compilation accounting ------------------------------------------------------------------------
+
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+_stats: Counter = Counter()
+_stats_lock = threading.Lock()
+
+
+def _on_duration(event: str, duration: float, **kwargs) -> None:
+    if event == _BACKEND_COMPILE_EVENT:
+        with _stats_lock:
+            _stats["compilations"] += 1
+            _stats["compile_seconds"] += duration
+
+
+def _on_event(event: str, **kwargs) -> None:
+    if event == _CACHE_HIT_EVENT:
+        with _stats_lock:
+            _stats["cache_hits"] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+jax.monitoring.register_event_listener(_on_event)
+
+
+def compile_stats() -> dict:
+    """Process-wide XLA compilations: ``compilations`` (every executable built, including those
+    served from the persistent cache), ``cache_hits`` and ``compile_seconds``."""
+    with _stats_lock:
+        return {"compilations": _stats["compilations"], "cache_hits": _stats["cache_hits"],
+                "compile_seconds": _stats["compile_seconds"]}
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """Turn on JAX's persistent compilation cache for every program, however quick to compile."""
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+# -- requests and results --------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class DecodeRequest:
+    """One window of audio (16 kHz mono float32, at most 30 s) and how to decode it."""
+
+    audio: np.ndarray
+    language: str | None = None  # ISO code; None: detect (multilingual) / English (English-only)
+    task: str = "transcribe"
+    timestamps: bool = False
+    prompt: Sequence[int] = ()  # previous text tokens, conditioning the decoder (<|startofprev|>)
+    min_window_s: float = 0.0  # decode in a window at least this long (fallback from short windows)
+
+
+@dataclasses.dataclass
+class DecodeResult:
+    tokens: list[int]  # sampled ids without end of text (timestamp ids included in timestamp mode)
+    text: str
+    language: str
+    avg_logprob: float
+    no_speech_prob: float
+    compression_ratio: float
+    hit_token_limit: bool  # stopped at the token limit, not at end of text
+    duration_s: float  # audio in the request
+    window_s: float  # the encoder window it was decoded in
+    prompt_tokens: int  # tokens before the first sampled one
+    segments: list[Segment]  # timestamp mode: the window's segments; else one segment
+    seek_s: float  # timestamp mode: where the next window should start
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    batch: int
+    window_s: float
+    prompt_len: int
+
+
+@dataclasses.dataclass
+class _Prepared:
+    request: DecodeRequest
+    tokens: list[int]  # initial tokens (a -1 marks the language slot to detect)
+    sot_index: int
+    language_index: int  # -1 when the model has no language slot
+    window_s: float
+
+
+def looks_degenerate(result: DecodeResult) -> bool:
+    """Output that a short window may have caused: Whisper looping on a clause.
+
+    Signs: no end of text before the token limit, gzip compression ratio above 2.4 (Whisper's own
+    threshold), or more than 6 text tokens per second of audio plus 4.
+    """
+    n_text = sum(len(segment.tokens) for segment in result.segments)
+    return (result.hit_token_limit or result.compression_ratio > COMPRESSION_RATIO_THRESHOLD
+            or n_text > 6 * result.duration_s + 4)
+
+
+# -- the engine ----------------------------------------------------------------------------------
+
+class Engine:
+    """Whisper on every local device, compiled for ``config``'s buckets."""
+
+    def __init__(self, config: EngineConfig | None = None, checkpoint: Checkpoint | None = None, devices=None):
+        self.config = config or EngineConfig()
+        if self.config.compilation_cache:
+            enable_compilation_cache(os.path.join(self.config.cache_dir, "xla"))
+        started = time.perf_counter()
+        ckpt = checkpoint or load_checkpoint(self.config.model, self.config.cache_dir)
+        self.name = ckpt.name
+        self.dims = ckpt.dims
+        self.tokenizer = WhisperTokenizer(ckpt.tokenizer_file, self.dims.multilingual)
+        self.ids = DecodingIds.from_tokenizer(self.tokenizer, self.dims.n_vocab)
+        self.dtype = jnp.dtype(self.config.dtype)
+        self.model = Whisper(self.dims, self.dtype)
+        self.mesh = sharding.make_mesh(devices)
+        self.params = sharding.put_params(ckpt.params, self.mesh, self.dtype)
+        self.load_seconds = time.perf_counter() - started
+
+        n_data = sharding.data_parallelism(self.mesh)
+        self.batch_buckets = tuple(sorted({-(-b // n_data) * n_data for b in self.config.batch_buckets}))
+        self.window_buckets = self.config.window_buckets
+        self.prompt_buckets = self.config.prompt_buckets
+        self.max_steps = self.dims.max_new_tokens
+        self._executables: dict[Bucket, jax.stages.Compiled] = {}
+        self._compile_lock = threading.Lock()
+        batch_spec = sharding.batch_sharded(self.mesh)
+        param_spec = jax.tree_util.tree_map(lambda _: sharding.replicated(self.mesh), self.params)
+        self._jitted = jax.jit(
+            self._run_bucket,
+            in_shardings=(param_spec,) + (batch_spec,) * 7,
+            out_shardings=batch_spec,
+        )
+
+    # -- buckets ---------------------------------------------------------------------------------
+    @property
+    def buckets(self) -> list[Bucket]:
+        return [Bucket(b, w, p) for b, w, p in itertools.product(self.batch_buckets, self.window_buckets, self.prompt_buckets)]
+
+    def warmup(self) -> float:
+        """Compile every bucket (from the persistent cache where possible); returns seconds."""
+        started = time.perf_counter()
+        for bucket in self.buckets:
+            self._executable(bucket)
+        return time.perf_counter() - started
+
+    def _executable(self, bucket: Bucket):
+        with self._compile_lock:
+            if bucket not in self._executables:
+                started = time.perf_counter()
+                args = [jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharded(self.mesh))
+                        for shape, dtype in self._arg_shapes(bucket)]
+                self._executables[bucket] = self._jitted.lower(self.params, *args).compile()
+                log.info("compiled %s in %.1f s", bucket, time.perf_counter() - started)
+            return self._executables[bucket]
+
+    def _arg_shapes(self, bucket: Bucket):
+        b, p = bucket.batch, bucket.prompt_len
+        return [
+            ((b, window_samples(bucket.window_s)), jnp.float32),  # audio
+            ((b, p), jnp.int32),  # initial tokens, left-padded
+            ((b,), jnp.int32),  # start: first real slot of each row
+            ((b,), jnp.int32),  # sot_index
+            ((b,), jnp.int32),  # language_index (-1: none)
+            ((b,), jnp.bool_),  # timestamps
+            ((b,), jnp.int32),  # max_new tokens
+        ]
+
+    # -- the compiled function -------------------------------------------------------------------
+    def _run_bucket(self, params, audio, prompt, start, sot_index, language_index, timestamps, max_new):
+        model, ids, variables = self.model, self.ids, {"params": params}
+        batch, prompt_len = prompt.shape
+        rows = jnp.arange(batch)
+
+        mel = log_mel_spectrogram(audio, self.dims.n_mels)
+        audio_features = sharding.constrain_batch(model.apply(variables, mel, method=Whisper.encode), self.mesh)
+        cross = model.apply(variables, audio_features, method=Whisper.cross_kv)
+
+        if ids.language_ids:  # multilingual: fill an empty language slot with the detected language
+            sot = jnp.full((batch, 1), ids.sot, jnp.int32)
+            hidden, _ = model.apply(variables, sot, 0, jnp.zeros((batch,), jnp.int32),
+                                    empty_cache(self.dims, batch, 1, self.dtype), cross, method=Whisper.decode)
+            logits = model.apply(variables, hidden[:, 0], method=Whisper.logits)
+            language_ids = jnp.asarray(ids.language_ids, jnp.int32)
+            detected = language_ids[jnp.argmax(logits[:, language_ids], axis=-1)]
+            slot = jnp.arange(prompt_len)[None, :] == language_index[:, None]
+            prompt = jnp.where(slot & (prompt < 0), detected[:, None], prompt)
+        language = jnp.where(language_index >= 0, prompt[rows, jnp.maximum(language_index, 0)], -1)
+
+        cache = empty_cache(self.dims, batch, prompt_len + self.max_steps, self.dtype)
+        cache = jax.tree_util.tree_map(lambda c: sharding.constrain_batch(c, self.mesh), cache)
+        hidden, cache = model.apply(variables, prompt, 0, start, cache, cross, method=Whisper.decode)
+        at_sot = model.apply(variables, hidden[rows, sot_index], method=Whisper.logits)
+        no_speech_prob = jax.nn.softmax(at_sot, axis=-1)[:, ids.no_speech]
+
+        state = DecodeState(
+            step=jnp.int32(0),
+            tokens=jnp.full((batch, self.max_steps), ids.eot, jnp.int32),
+            logits=model.apply(variables, hidden[:, -1], method=Whisper.logits),
+            done=max_new <= 0,
+            sum_logprob=jnp.zeros((batch,), jnp.float32),
+            last_timestamp=jnp.full((batch,), -1, jnp.int32),
+            cache=cache,
+        )
+
+        def cond(s: DecodeState):
+            return (s.step < self.max_steps) & ~jnp.all(s.done)
+
+        def body(s: DecodeState):
+            token, s = greedy_step(s, timestamps, max_new, ids)
+            hidden, cache = model.apply(variables, token[:, None], prompt_len + s.step - 1, start, s.cache, cross,
+                                        method=Whisper.decode)
+            return s._replace(logits=model.apply(variables, hidden[:, 0], method=Whisper.logits), cache=cache)
+
+        final = jax.lax.while_loop(cond, body, state)
+        return {
+            "tokens": final.tokens,
+            "sum_logprob": final.sum_logprob,
+            "no_speech_prob": no_speech_prob,
+            "language": language,
+        }
+
+    # -- host side -------------------------------------------------------------------------------
+    def _prepare(self, request: DecodeRequest) -> _Prepared:
+        audio = np.asarray(request.audio)
+        if audio.ndim != 1:
+            raise ValueError(f"audio must be mono (1-D), got shape {audio.shape}")
+        duration = len(audio) / SAMPLE_RATE
+        if duration > CHUNK_LENGTH:
+            raise ValueError(f"a request holds at most {CHUNK_LENGTH} s of audio, got {duration:.2f} s")
+        needed = max(duration, request.min_window_s)
+        window = next(w for w in self.window_buckets if w >= needed - 1e-9)
+        sot_sequence = self.tokenizer.sot_sequence(request.language, request.task)
+        if not request.timestamps:
+            sot_sequence.append(self.tokenizer.no_timestamps)
+        previous: list[int] = []
+        if request.prompt:
+            room = min(self.dims.n_text_ctx // 2 - 1, max(self.prompt_buckets) - len(sot_sequence) - 1)
+            if room > 0:
+                previous = [self.tokenizer.sot_prev] + [int(t) for t in request.prompt][-room:]
+        tokens = previous + sot_sequence
+        sot_index = len(previous)
+        language_index = sot_index + 1 if self.dims.multilingual else -1
+        return _Prepared(request, tokens, sot_index, language_index, window)
+
+    def decode(self, requests: Sequence[DecodeRequest]) -> list[DecodeResult]:
+        """Decode windows of audio; results come back in the order of ``requests``.
+
+        Requests are grouped by encoder window, cut into batches no larger than the largest batch
+        bucket, and each batch is padded up to the smallest bucket that holds it.  A result from a
+        window shorter than 30 s that looks degenerate (see :func:`looks_degenerate`) is decoded
+        again in the next larger window, so short windows cost speed, never accuracy.
+        """
+        prepared = [self._prepare(r) for r in requests]
+        results = self._decode_prepared(prepared)
+        retry = [i for i, r in enumerate(results) if r.window_s < self.window_buckets[-1] and looks_degenerate(r)]
+        while retry and self.config.window_fallback:
+            for i in retry:
+                prepared[i].window_s = next(w for w in self.window_buckets if w > prepared[i].window_s)
+            for i, result in zip(retry, self._decode_prepared([prepared[i] for i in retry])):
+                results[i] = result
+            retry = [i for i in retry if results[i].window_s < self.window_buckets[-1] and looks_degenerate(results[i])]
+        return results
+
+    def _decode_prepared(self, prepared: list[_Prepared]) -> list[DecodeResult]:
+        results: list[DecodeResult | None] = [None] * len(prepared)
+        largest = self.batch_buckets[-1]
+        for window in self.window_buckets:
+            group = [i for i, p in enumerate(prepared) if p.window_s == window]
+            for first in range(0, len(group), largest):
+                chunk = group[first:first + largest]
+                for i, result in zip(chunk, self._decode_batch([prepared[i] for i in chunk], window)):
+                    results[i] = result
+        return results  # type: ignore[return-value]
+
+    def _decode_batch(self, batch: list[_Prepared], window: float) -> list[DecodeResult]:
+        size = next(b for b in self.batch_buckets if b >= len(batch))
+        longest = max(len(p.tokens) for p in batch)
+        prompt_len = next(p for p in self.prompt_buckets if p >= longest)
+        bucket = Bucket(size, window, prompt_len)
+
+        n_samples = window_samples(window)
+        audio = np.zeros((size, n_samples), np.float32)
+        prompt = np.full((size, prompt_len), self.ids.eot, np.int32)
+        start = np.full((size,), prompt_len - 1, np.int32)
+        sot_index = np.full((size,), prompt_len - 1, np.int32)
+        language_index = np.full((size,), -1, np.int32)
+        timestamps = np.zeros((size,), bool)
+        max_new = np.zeros((size,), np.int32)  # padding rows are finished from the start
+        prompt[:, -1] = self.ids.sot
+        for row, p in enumerate(batch):
+            audio[row, : len(p.request.audio)] = p.request.audio
+            offset = prompt_len - len(p.tokens)
+            prompt[row, offset:] = p.tokens
+            start[row] = offset
+            sot_index[row] = offset + p.sot_index
+            language_index[row] = offset + p.language_index if p.language_index >= 0 else -1
+            timestamps[row] = p.request.timestamps
+            max_new[row] = min(self.max_steps, self.dims.n_text_ctx - len(p.tokens))
+
+        executable = self._executable(bucket)
+        args = sharding.put_batch([audio, prompt, start, sot_index, language_index, timestamps, max_new], self.mesh)
+        out = jax.device_get(executable(self.params, *args))
+        return [self._result(p, out, row, int(max_new[row])) for row, p in enumerate(batch)]
+
+    def _result(self, p: _Prepared, out: dict, row: int, max_new: int) -> DecodeResult:
+        sampled = [int(t) for t in out["tokens"][row][:max_new]]
+        ended = self.ids.eot in sampled
+        tokens = sampled[: sampled.index(self.ids.eot)] if ended else sampled
+        duration = len(p.request.audio) / SAMPLE_RATE
+        language = self._language_code(int(out["language"][row]))
+        if p.request.timestamps:
+            segments, seek = split_segments(tokens, self.tokenizer, duration)
+        else:
+            text_tokens = [t for t in tokens if t < self.ids.eot]
+            segments = [Segment(0.0, duration, text_tokens, self.tokenizer.decode(text_tokens))] if text_tokens else []
+            seek = duration
+        text = self.tokenizer.decode(tokens)
+        return DecodeResult(
+            tokens=tokens,
+            text=text,
+            language=language,
+            avg_logprob=float(out["sum_logprob"][row]) / (len(tokens) + 1),
+            no_speech_prob=float(out["no_speech_prob"][row]),
+            compression_ratio=compression_ratio(text),
+            hit_token_limit=not ended,
+            duration_s=duration,
+            window_s=p.window_s,
+            prompt_tokens=len(p.tokens),
+            segments=segments,
+            seek_s=seek,
+        )
+
+    def _language_code(self, token: int) -> str:
+        if not self.dims.multilingual:
+            return "en"
+        by_id = {v: k for k, v in self.tokenizer.language_ids.items()}
+        return by_id.get(token, "en")
+
+    # -- facts for operators ---------------------------------------------------------------------
+    @property
+    def languages(self) -> list[str]:
+        return list(self.tokenizer.language_ids) if self.dims.multilingual else ["en"]
+
+    def describe(self) -> dict:
+        return {
+            "model": self.name,
+            "dims": dataclasses.asdict(self.dims),
+            "dtype": str(self.dtype),
+            "devices": [str(d) for d in self.mesh.devices.flat],
+            "batch_buckets": list(self.batch_buckets),
+            "window_buckets": list(self.window_buckets),
+            "prompt_buckets": list(self.prompt_buckets),
+            "compiled_buckets": len(self._executables),
+        }
+
+
+__all__ = ["Engine", "DecodeRequest", "DecodeResult", "Bucket", "compile_stats", "LANGUAGES"]
