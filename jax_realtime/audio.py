@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import os
 from typing import BinaryIO, Union
 
@@ -34,6 +35,8 @@ class AudioError(ValueError):
 
 def window_samples(window_s: float) -> int:
     """Samples in an encoder window of ``window_s`` seconds (must be a whole number of positions)."""
+    if not math.isfinite(window_s):
+        raise ValueError(f"window of {window_s} s is not a positive multiple of {TIME_PRECISION} s")
     positions = round(window_s * TOKENS_PER_SECOND)
     if positions <= 0 or abs(positions - window_s * TOKENS_PER_SECOND) > 1e-6:
         raise ValueError(f"window of {window_s} s is not a positive multiple of {TIME_PRECISION} s")
@@ -51,7 +54,11 @@ def decode_audio(source: AudioSource, name: str | None = None) -> np.ndarray:
     import soxr
 
     if name is None:
-        name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<audio>"
+        if isinstance(source, (str, os.PathLike)):
+            name = os.fspath(source)
+        else:
+            file_name = getattr(source, "name", None)
+            name = file_name if isinstance(file_name, str) else "<audio>"
     if isinstance(source, (str, os.PathLike)):
         if not os.path.exists(source):
             raise AudioError(f"{name}: no such file")

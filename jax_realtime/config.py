@@ -138,7 +138,7 @@ def load_config(path: str | os.PathLike | None = None, **engine_overrides) -> Se
                 data = tomllib.load(f)
         except OSError as exc:
             raise ConfigError(f"{where}: cannot read ({exc.strerror or exc})") from exc
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{where}: not valid TOML ({exc})") from exc
     overrides = {k: v for k, v in engine_overrides.items() if v is not None}
     if overrides:

@@ -80,6 +80,7 @@ def compile_stats() -> dict:
 def enable_compilation_cache(directory: str) -> None:
     """Turn on JAX's persistent compilation cache for every program, however quick to compile."""
     os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -151,6 +152,8 @@ class Engine:
         self.config = config or EngineConfig()
         if self.config.compilation_cache:
             enable_compilation_cache(os.path.join(self.config.cache_dir, "xla"))
+        else:  # the setting is process-wide: an earlier engine may have turned it on
+            jax.config.update("jax_enable_compilation_cache", False)
         started = time.perf_counter()
         ckpt = checkpoint or load_checkpoint(self.config.model, self.config.cache_dir)
         self.name = ckpt.name

@@ -12,6 +12,7 @@ cache index; ``start[b]`` is the first real position of row ``b`` and keys befor
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -249,6 +250,7 @@ def empty_cache(dims: ModelDims, batch: int, length: int, dtype) -> Cache:
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(dims.n_text_layer))
 
 
+@functools.lru_cache(maxsize=8)
 def param_shapes(dims: ModelDims, dtype=jnp.float32) -> dict:
     """The parameter tree a checkpoint must provide for ``dims`` (shapes only, nothing computed)."""
     model = Whisper(dims, dtype)

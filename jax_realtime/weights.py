@@ -97,11 +97,17 @@ def _ct2_source(name: str, directory: str) -> _Source:
     if os.path.isfile(single):
         files = (single,)
     else:
-        parts = glob.glob(os.path.join(directory, "model.bin.part*"))
-        numbered = sorted(parts, key=lambda p: int(re.sub(r"\D", "", p.rsplit("part", 1)[1]) or 0))
-        if not numbered:
-            raise CheckpointError(f"{directory}: no model.bin or model.bin.part* files")
-        files = tuple(numbered)
+        parts = {}
+        for path in glob.glob(os.path.join(directory, "model.bin.part*")):
+            suffix = path.rsplit("part", 1)[1]
+            if suffix.isdigit():
+                parts[int(suffix)] = path
+        if not parts:
+            raise CheckpointError(f"{directory}: no model.bin or model.bin.part<N> files")
+        missing = sorted(set(range(1, max(parts) + 1)) - set(parts))
+        if missing:
+            raise CheckpointError(f"{directory}: model.bin.part{missing[0]} is missing (parts 1..{max(parts)} expected)")
+        files = tuple(parts[i] for i in sorted(parts))
     return _Source(name, "ct2", files, _existing(directory, "config.json"), _tokenizer_in(directory))
 
 
@@ -257,6 +263,8 @@ def _dequantize(variables: dict[str, np.ndarray], name: str, where: str) -> np.n
     scale = variables.get(name + "_scale")
     if scale is None:
         raise CheckpointError(f"{where}: {name} is {array.dtype} without {name}_scale")
+    if array.ndim != 2 or scale.shape != (array.shape[0],):
+        raise CheckpointError(f"{where}: {name}_scale has shape {scale.shape}, expected ({array.shape[0]},) for {name} {array.shape}")
     return array.astype(np.float32) / scale.astype(np.float32).reshape(-1, 1)
 
 
@@ -351,7 +359,7 @@ def read_safetensors(files: tuple[str, ...]) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _hf_tree(tensors: dict[str, np.ndarray], config: dict, where: str) -> tuple[ModelDims, dict]:
+def _hf_tree(tensors: dict[str, np.ndarray], config: dict, where: str, config_file: str) -> tuple[ModelDims, dict]:
     def get(name):
         if name not in tensors:
             raise CheckpointError(f"{where}: tensor {name} is missing")
@@ -389,7 +397,7 @@ def _hf_tree(tensors: dict[str, np.ndarray], config: dict, where: str) -> tuple[
             n_text_layer=int(config["decoder_layers"]),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}: config.json lacks a valid Whisper field ({exc})") from exc
+        raise CheckpointError(f"{config_file}: lacks a valid Whisper field ({exc})") from exc
 
     encoder = {
         "conv1": conv("encoder.conv1"),
@@ -471,16 +479,28 @@ def _cache_path(cache_dir: str, source: _Source) -> str:
 
 def _convert(source: _Source) -> tuple[ModelDims, dict]:
     where = " + ".join(source.weight_files)
-    if source.format == "ct2":
-        dims, params = _ct2_tree(read_ct2(source.weight_files), where)
-    else:
-        config = _read_json(source.config_file)
-        if config.get("model_type") not in (None, "whisper"):
-            raise CheckpointError(f"{source.config_file}: model_type is {config.get('model_type')!r}, not whisper")
-        dims, params = _hf_tree(read_safetensors(source.weight_files), config, where)
-    params = _storage_dtype(params)
-    check_params(dims, params, where)
+    try:
+        if source.format == "ct2":
+            dims, params = _ct2_tree(read_ct2(source.weight_files), where)
+        else:
+            config = _read_json(source.config_file)
+            if config.get("model_type") not in (None, "whisper"):
+                raise CheckpointError(f"{source.config_file}: model_type is {config.get('model_type')!r}, not whisper")
+            dims, params = _hf_tree(read_safetensors(source.weight_files), config, where, source.config_file)
+        _check_dims(dims, where)
+        params = _storage_dtype(params)
+        check_params(dims, params, where)
+    except CheckpointError:
+        raise
+    except (ValueError, IndexError, TypeError) as exc:  # tensors of the wrong rank, and the like
+        raise CheckpointError(f"{where}: weights do not fit a Whisper model ({exc})") from exc
     return dims, params
+
+
+def _check_dims(dims: ModelDims, where: str) -> None:
+    for d, heads, side in ((dims.n_audio_state, dims.n_audio_head, "encoder"), (dims.n_text_state, dims.n_text_head, "decoder")):
+        if heads <= 0 or d % heads:
+            raise CheckpointError(f"{where}: {side} width {d} is not divisible by its {heads} attention heads")
 
 
 def _storage_dtype(params: dict) -> dict:
@@ -495,6 +515,7 @@ def _storage_dtype(params: dict) -> dict:
 def load_checkpoint(spec: str, cache_dir: str | None = None) -> Checkpoint:
     """Load a checkpoint, converting it once and reusing the converted cache afterwards."""
     from flax.traverse_util import flatten_dict, unflatten_dict
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file, save_file
 
     source = resolve(spec)
@@ -507,7 +528,7 @@ def load_checkpoint(spec: str, cache_dir: str | None = None) -> Checkpoint:
             params = unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
             check_params(dims, params, cache_file)
             return Checkpoint(source.name, dims, params, source.tokenizer_file, cache_file)
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError):
             pass  # a damaged cache entry is rebuilt below
     dims, params = _convert(source)
     if cache_file:

@@ -1,0 +1,1 @@
+"""The Quart service: transport and protocol only; all speech work is in ``jax_realtime``."""

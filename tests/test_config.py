@@ -1,0 +1,241 @@
+"""EngineConfig defaults and validation; load_config from TOML files, overrides and its errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from pydantic import ValidationError
+
+from jax_realtime.config import (
+    DEFAULT_MODEL,
+    ConfigError,
+    EngineConfig,
+    ServiceConfig,
+    default_cache_dir,
+    load_config,
+)
+
+# -- EngineConfig ----------------------------------------------------------------------------------
+
+
+def test_defaults(monkeypatch, tmp_path):
+    monkeypatch.setenv("JAX_REALTIME_CACHE", str(tmp_path / "cache"))
+    c = EngineConfig()
+    assert c.model == DEFAULT_MODEL == "tiny.en"
+    assert c.dtype == "float32"
+    assert c.batch_buckets == (1, 4, 8)
+    assert c.window_buckets == (10.0, 20.0, 30.0)
+    assert c.prompt_buckets == (8, 64, 232)
+    assert max(c.prompt_buckets) >= 228  # Whisper's longest prompt: 223 + <|startofprev|> + 4
+    assert c.window_fallback is True and c.compilation_cache is True
+    assert c.cache_dir == str(tmp_path / "cache")
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("JAX_REALTIME_CACHE", str(tmp_path / "explicit"))
+    assert default_cache_dir() == str(tmp_path / "explicit")
+    monkeypatch.delenv("JAX_REALTIME_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == os.path.join(str(tmp_path / "xdg"), "jax-realtime")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == os.path.join(str(tmp_path / "home"), ".cache", "jax-realtime")
+
+
+def test_buckets_are_sorted_and_deduplicated():
+    c = EngineConfig(batch_buckets=(8, 1, 4, 4, 1), window_buckets=(30, 10, 15.5, 10.0), prompt_buckets=[232, 8, 64, 8])
+    assert c.batch_buckets == (1, 4, 8)
+    assert c.window_buckets == (10.0, 15.5, 30.0)
+    assert all(isinstance(w, float) for w in c.window_buckets)
+    assert c.prompt_buckets == (8, 64, 232)
+
+
+def test_frozen():
+    c = EngineConfig()
+    with pytest.raises(ValidationError):
+        c.model = "base"
+
+
+def _invalid(field: str, **kwargs) -> str:
+    with pytest.raises(ValidationError) as info:
+        EngineConfig(**kwargs)
+    text = str(info.value)
+    assert field in text, text
+    return text
+
+
+@pytest.mark.parametrize("field", ["batch_buckets", "prompt_buckets"])
+@pytest.mark.parametrize("bad", [(0, 4), (4, -1), ()])
+def test_non_positive_or_empty_buckets(field, bad):
+    kwargs = {field: bad}
+    if field == "prompt_buckets" and bad != ():
+        kwargs[field] = bad + (232,)
+    _invalid(field, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "bad", [(10.01, 30), (0.03, 30), (10, 30.5), (10, 31), (0, 30), (-10, 30), (), (10, float("nan"), 30)]
+)
+def test_invalid_windows(bad):
+    _invalid("window_buckets", window_buckets=bad)
+
+
+def test_window_multiples_of_20ms_are_accepted():
+    c = EngineConfig(window_buckets=(0.02, 7.5, 14.98, 30))
+    assert c.window_buckets == (0.02, 7.5, 14.98, 30.0)
+
+
+def test_full_window_is_required():
+    text = _invalid("window_buckets", window_buckets=(10, 20))
+    assert "30" in text
+
+
+def test_prompt_buckets_must_hold_the_start_sequence():
+    _invalid("prompt", prompt_buckets=(4, 7))
+    assert EngineConfig(prompt_buckets=(8,)).prompt_buckets == (8,)
+
+
+@pytest.mark.parametrize("field,bad", [("dtype", "int8"), ("model", ""), ("batch_buckets", (1.5, 4)),
+                                       ("batch_buckets", "four"), ("window_fallback", "perhaps")])
+def test_wrong_values(field, bad):
+    _invalid(field, **{field: bad})
+
+
+def test_unknown_field():
+    _invalid("batchbuckets", batchbuckets=(1,))
+
+
+# -- load_config -----------------------------------------------------------------------------------
+
+def _write(tmp_path, text: str, name: str = "service.toml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_load_defaults_without_a_file():
+    cfg = load_config()
+    assert isinstance(cfg, ServiceConfig)
+    assert cfg.engine == EngineConfig(cache_dir=cfg.engine.cache_dir)
+
+
+def test_load_from_toml(tmp_path):
+    path = _write(tmp_path, """
+[engine]
+model = "base"
+dtype = "bfloat16"
+batch_buckets = [8, 2, 2]
+window_buckets = [30, 15]
+prompt_buckets = [8, 232]
+window_fallback = false
+cache_dir = "/tmp/jr-cache"
+compilation_cache = false
+""")
+    e = load_config(path).engine
+    assert e.model == "base" and e.dtype == "bfloat16"
+    assert e.batch_buckets == (2, 8)
+    assert e.window_buckets == (15.0, 30.0)
+    assert e.prompt_buckets == (8, 232)
+    assert e.window_fallback is False and e.compilation_cache is False
+    assert e.cache_dir == "/tmp/jr-cache"
+    # a path object works too, and an empty file means defaults
+    from pathlib import Path
+
+    assert load_config(Path(path)).engine == e
+    assert load_config(_write(tmp_path, "", "empty.toml")).engine.batch_buckets == (1, 4, 8)
+
+
+def test_overrides(tmp_path):
+    path = _write(tmp_path, '[engine]\nmodel = "base"\ndtype = "float16"\nbatch_buckets = [1, 2]\n')
+    e = load_config(path, model="tiny.en", dtype=None, batch_buckets=(16, 4)).engine
+    assert e.model == "tiny.en"  # replaced
+    assert e.dtype == "float16"  # None: ignored, the file's value stays
+    assert e.batch_buckets == (4, 16)  # replaced, then validated
+    assert load_config(None, dtype="bfloat16").engine.dtype == "bfloat16"
+
+
+def _config_error(*args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(*args, **kwargs)
+    assert isinstance(info.value, ValueError)
+    return str(info.value)
+
+
+def test_missing_file(tmp_path):
+    path = str(tmp_path / "missing.toml")
+    msg = _config_error(path)
+    assert msg.startswith(path) and "cannot read" in msg
+
+
+def test_directory_instead_of_a_file(tmp_path):
+    msg = _config_error(str(tmp_path))
+    assert msg.startswith(str(tmp_path)) and "cannot read" in msg
+
+
+def test_invalid_toml(tmp_path):
+    path = _write(tmp_path, '[engine\nmodel = "base"\n')
+    msg = _config_error(path)
+    assert msg.startswith(path) and "TOML" in msg
+    path = _write(tmp_path, '[engine]\nmodel = base\n', "unquoted.toml")
+    assert _config_error(path).startswith(path)
+
+
+def test_not_utf8(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[engine]\nmodel = "caf\xe9"\n'.encode("latin-1"))
+    msg = _config_error(str(path))
+    assert msg.startswith(str(path))
+
+
+@pytest.mark.parametrize("text,key", [
+    ('[engine]\nmodle = "base"\n', "engine.modle"),
+    ('[engine]\nmodel = "base"\nbatch_size = 4\n', "engine.batch_size"),
+    ('[server]\nport = 8000\n', "server"),
+])
+def test_unknown_key(tmp_path, text, key):
+    path = _write(tmp_path, text)
+    msg = _config_error(path)
+    assert msg.startswith(path) and key in msg
+
+
+@pytest.mark.parametrize("text,key", [
+    ('[engine]\nbatch_buckets = "four"\n', "engine.batch_buckets"),
+    ('[engine]\nbatch_buckets = [1, "x"]\n', "engine.batch_buckets.1"),
+    ('[engine]\ndtype = 16\n', "engine.dtype"),
+    ('[engine]\ndtype = "int8"\n', "engine.dtype"),
+    ('[engine]\nwindow_fallback = [true]\n', "engine.window_fallback"),
+    ('[engine]\nmodel = 3\n', "engine.model"),
+    ('engine = "tiny.en"\n', "engine"),
+])
+def test_wrong_type(tmp_path, text, key):
+    path = _write(tmp_path, text)
+    msg = _config_error(path)
+    assert msg.startswith(path) and f"{key}:" in msg
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[engine]\nbatch_buckets = [0, 4]\n", "engine.batch_buckets"),
+    ("[engine]\nwindow_buckets = [10.01, 30]\n", "engine.window_buckets"),
+    ("[engine]\nwindow_buckets = [10, 20]\n", "window_buckets"),  # whole-model rule: named in the text
+])
+def test_invalid_values_in_file(tmp_path, text, needle):
+    path = _write(tmp_path, text)
+    msg = _config_error(path)
+    assert msg.startswith(path) and needle in msg
+
+
+def test_several_problems_are_all_reported(tmp_path):
+    path = _write(tmp_path, '[engine]\ndtype = "int8"\nmodle = "x"\n')
+    msg = _config_error(path)
+    assert "engine.dtype" in msg and "engine.modle" in msg
+
+
+def test_bad_override_names_the_key(tmp_path):
+    msg = _config_error(None, batch_buckets=(0,))
+    assert msg.startswith("<defaults>") and "engine.batch_buckets" in msg
+    path = _write(tmp_path, '[engine]\nmodel = "base"\n')
+    msg = _config_error(path, window_buckets=(10,))
+    assert msg.startswith(path) and "window_buckets" in msg
+    msg = _config_error(path, colour="blue")
+    assert "engine.colour" in msg

@@ -1,0 +1,148 @@
+"""The engine on real tiny.en weights: static shapes, batching, sharding, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, load_clip, load_refs
+
+from jax_realtime.audio import SAMPLE_RATE
+from jax_realtime.engine import DecodeRequest, compile_stats
+
+
+@pytest.fixture(scope="module")
+def english_clips():
+    return [load_clip(r) for r in load_refs() if r["language"] == "en"]
+
+
+def test_no_compilation_after_warmup(tiny_engine, english_clips):
+    """60 calls of mixed lengths, batch sizes, windows, modes and prompts: nothing compiles."""
+    rng = random.Random(0)
+    long_clip = np.concatenate(english_clips[-3:])[: 25 * SAMPLE_RATE]  # needs the 30 s window
+    prompt = tiny_engine.tokenizer.encode(" The quick brown fox jumps over the lazy dog." * 12)
+    before = compile_stats()["compilations"]
+    calls = 0
+    for i in range(60):
+        size = rng.choice([1, 2, 3, 4, 5, 7])  # 5 and 7 exceed the largest bucket: split, then padded
+        requests = []
+        for _ in range(size):
+            audio = long_clip if rng.random() < 0.1 else rng.choice(english_clips)
+            cut = rng.randint(SAMPLE_RATE // 2, len(audio)) if rng.random() < 0.3 else len(audio)
+            requests.append(DecodeRequest(
+                audio[:cut],
+                timestamps=rng.random() < 0.5,
+                prompt=prompt[: rng.choice([0, 5, 300])],
+            ))
+        results = tiny_engine.decode(requests)
+        assert len(results) == size
+        calls += 1
+    assert calls >= 50
+    assert compile_stats()["compilations"] == before
+
+
+def test_batch_equals_one_by_one(tiny_engine, english_clips):
+    clips = english_clips[:6]
+    batched = tiny_engine.decode([DecodeRequest(a) for a in clips])
+    single = [tiny_engine.decode([DecodeRequest(a)])[0] for a in clips]
+    assert [r.tokens for r in batched] == [r.tokens for r in single]
+    assert all(r.text.strip() for r in batched)
+
+
+def test_results_keep_request_order_across_windows(tiny_engine, english_clips):
+    short, long_ = english_clips[0], np.concatenate(english_clips[-3:])[: 20 * SAMPLE_RATE]
+    results = tiny_engine.decode([DecodeRequest(long_), DecodeRequest(short), DecodeRequest(long_)])
+    assert [r.window_s for r in results] == [30.0, 10.0, 30.0]
+    assert results[0].tokens == results[2].tokens
+    assert results[1].tokens == tiny_engine.decode([DecodeRequest(short)])[0].tokens
+
+
+def test_prompt_is_used_and_counted(tiny_engine, english_clips):
+    audio = english_clips[5]
+    plain = tiny_engine.decode([DecodeRequest(audio)])[0]
+    words = tiny_engine.tokenizer.encode(" Mister Quilter, the apostle of the middle classes.")
+    prompted = tiny_engine.decode([DecodeRequest(audio, prompt=words)])[0]
+    # <|startofprev|> + prompt + <|startoftranscript|> + <|notimestamps|>
+    assert prompted.prompt_tokens == len(words) + 3
+    assert plain.prompt_tokens == 2
+    assert prompted.text.strip()
+
+
+def test_timestamps_mode_gives_segments_inside_the_clip(tiny_engine, english_clips):
+    audio = english_clips[-1]
+    result = tiny_engine.decode([DecodeRequest(audio, timestamps=True)])[0]
+    assert result.segments, result
+    begin = tiny_engine.tokenizer.timestamp_begin
+    assert result.tokens[0] >= begin  # the first sampled token is a timestamp
+    for seg in result.segments:
+        assert 0.0 <= seg.start <= seg.end <= result.duration_s + 1e-6
+    assert "".join(s.text for s in result.segments).strip() == result.text.strip()
+
+
+def test_silence_has_high_no_speech_probability(tiny_engine, english_clips):
+    silence, speech = tiny_engine.decode([DecodeRequest(np.zeros(3 * SAMPLE_RATE, np.float32)),
+                                          DecodeRequest(english_clips[4])])
+    assert silence.no_speech_prob > 0.5 > speech.no_speech_prob
+
+
+@pytest.mark.parametrize(
+    "request_kwargs, message",
+    [
+        (dict(audio=np.zeros(31 * SAMPLE_RATE, np.float32)), "at most 30 s"),
+        (dict(audio=np.zeros((2, 16000), np.float32)), "mono"),
+        (dict(audio=np.zeros(16000, np.float32), language="de"), "English-only"),
+        (dict(audio=np.zeros(16000, np.float32), task="translate"), "cannot translate"),
+        (dict(audio=np.zeros(16000, np.float32), task="summarize"), "task must be"),
+    ],
+)
+def test_bad_requests_are_rejected_with_a_reason(tiny_engine, request_kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_engine.decode([DecodeRequest(**request_kwargs)])
+
+
+def test_every_bucket_is_compiled_by_warmup(tiny_engine):
+    assert tiny_engine.describe()["compiled_buckets"] == len(tiny_engine.buckets) == 2 * 2 * 2
+
+
+SHARDING_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    sys.path.insert(0, {tests!r})
+    from conftest import load_clip, load_refs
+    from jax_realtime.config import EngineConfig
+    from jax_realtime.engine import DecodeRequest, Engine
+
+    assert jax.device_count() == 4, jax.devices()
+    config = EngineConfig(model="tiny.en", batch_buckets=(4,), window_buckets=(10.0, 30.0), prompt_buckets=(8,))
+    clips = [load_clip(r) for r in load_refs() if r["language"] == "en"][:7]
+    requests = [DecodeRequest(a, timestamps=(i % 2 == 1)) for i, a in enumerate(clips)]
+    sharded = Engine(config)
+    single = Engine(config, devices=jax.devices()[:1])
+    print(json.dumps({{
+        "mesh": dict(sharded.mesh.shape),
+        "batch_buckets": list(sharded.batch_buckets),
+        "sharded": [r.tokens for r in sharded.decode(requests)],
+        "single": [r.tokens for r in single.decode(requests)],
+    }}))
+    """
+)
+
+
+def test_sharded_over_four_devices_matches_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    script = SHARDING_SCRIPT.format(tests=str(ROOT / "tests"))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["mesh"] == {"data": 4, "model": 1}
+    assert out["batch_buckets"] == [4]
+    assert out["sharded"] == out["single"]
+    assert all(out["sharded"])
