@@ -108,6 +108,43 @@ class EngineConfig(BaseModel):
         return self
 
 
+class StreamConfig(BaseModel):
+    """How a live utterance is decoded (see ``streaming.py``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    step_s: float = Field(1.0, gt=0, le=CHUNK_LENGTH, description="decode again after this much new audio")
+    trim_after_s: float = Field(15.0, gt=0, lt=CHUNK_LENGTH, description="trim the window once it is longer")
+    max_window_s: float = Field(float(CHUNK_LENGTH), gt=0, le=CHUNK_LENGTH)
+    agreement: int = Field(2, ge=1, le=5, description="hypotheses that must agree before text is sent")
+    no_speech_threshold: float = Field(0.6, ge=0, le=1)
+    logprob_threshold: float = -1.0
+    compression_ratio_threshold: float = Field(2.4, gt=0)
+    silence_keep_s: float = Field(1.0, ge=0)
+    max_prompt_tokens: int = Field(223, ge=0, le=223)
+    keep_audio_after_final: bool = False  # vLLM drops audio appended after final:true
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "StreamConfig":
+        if not self.step_s <= self.trim_after_s < self.max_window_s:
+            raise ValueError("need step_s <= trim_after_s < max_window_s")
+        return self
+
+
+class ServerConfig(BaseModel):
+    """The service's limits and names (``[server]`` table)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    model_names: tuple[str, ...] = ()  # names clients may ask for; default: the checkpoint's name + aliases
+    max_sessions: int = Field(64, ge=1)
+    max_buffer_s: float = Field(120.0, gt=0, description="audio a session may have queued, not yet decoded")
+    idle_timeout_s: float = Field(300.0, gt=0)
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+
+
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the file, key and problem."""
 
@@ -118,13 +155,17 @@ class ServiceConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    stream: StreamConfig = Field(default_factory=StreamConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
 
 
-def load_config(path: str | os.PathLike | None = None, **engine_overrides) -> ServiceConfig:
+def load_config(path: str | os.PathLike | None = None, *, server: dict | None = None, stream: dict | None = None,
+                **engine_overrides) -> ServiceConfig:
     """Read and validate a TOML config (defaults when ``path`` is None).
 
-    ``engine_overrides`` (command-line flags) replace values of the ``[engine]`` table; ``None``
-    values are ignored.  Errors name the file and the exact key.
+    Overrides (command-line flags) replace values of the ``[engine]`` table (keyword arguments)
+    and of the ``[server]`` and ``[stream]`` tables (dicts); ``None`` values are ignored.  Errors
+    name the file and the exact key.
     """
     import tomllib
 
@@ -140,9 +181,10 @@ def load_config(path: str | os.PathLike | None = None, **engine_overrides) -> Se
             raise ConfigError(f"{where}: cannot read ({exc.strerror or exc})") from exc
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{where}: not valid TOML ({exc})") from exc
-    overrides = {k: v for k, v in engine_overrides.items() if v is not None}
-    if overrides:
-        data = {**data, "engine": {**data.get("engine", {}), **overrides}}
+    for section, overrides in (("engine", engine_overrides), ("server", server or {}), ("stream", stream or {})):
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if overrides:
+            data = {**data, section: {**data.get(section, {}), **overrides}}
     try:
         return ServiceConfig.model_validate(data)
     except ValidationError as exc:

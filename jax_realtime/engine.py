@@ -270,7 +270,8 @@ class Engine:
         }
 
     # -- host side -------------------------------------------------------------------------------
-    def _prepare(self, request: DecodeRequest) -> _Prepared:
+    def window_for(self, request: DecodeRequest) -> float:
+        """The encoder window (seconds) a request is decoded in; ValueError if it fits none."""
         audio = np.asarray(request.audio)
         if audio.ndim != 1:
             raise ValueError(f"audio must be mono (1-D), got shape {audio.shape}")
@@ -278,7 +279,10 @@ class Engine:
         if duration > CHUNK_LENGTH:
             raise ValueError(f"a request holds at most {CHUNK_LENGTH} s of audio, got {duration:.2f} s")
         needed = max(duration, request.min_window_s)
-        window = next(w for w in self.window_buckets if w >= needed - 1e-9)
+        return next(w for w in self.window_buckets if w >= needed - 1e-9)
+
+    def _prepare(self, request: DecodeRequest) -> _Prepared:
+        window = self.window_for(request)
         sot_sequence = self.tokenizer.sot_sequence(request.language, request.task)
         if not request.timestamps:
             sot_sequence.append(self.tokenizer.no_timestamps)

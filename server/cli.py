@@ -1,0 +1,44 @@
+"""The ``jax-realtime`` console script: the library's commands plus ``serve``."""
+
+from __future__ import annotations
+
+import sys
+
+from jax_realtime.cli import add_engine_flags, build_parser, config_from_args
+from jax_realtime.cli import main as library_main
+
+from .app import create_app
+
+
+def cmd_serve(args) -> int:
+    import asyncio
+
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config as HypercornConfig
+
+    config = config_from_args(args, host=args.host, port=args.port)
+    hypercorn = HypercornConfig.from_toml(args.hypercorn_config) if args.hypercorn_config else HypercornConfig()
+    hypercorn.bind = [f"{config.server.host}:{config.server.port}"]
+    if not args.hypercorn_config:
+        hypercorn.startup_timeout = 3600  # the first start compiles every bucket
+        hypercorn.graceful_timeout = 30
+        hypercorn.accesslog = "-"
+    asyncio.run(serve(create_app(config), hypercorn))
+    return 0
+
+
+def add_serve(sub) -> None:
+    s = sub.add_parser("serve", help="serve /v1/realtime (WebSocket) and the REST API with Hypercorn")
+    add_engine_flags(s)
+    s.add_argument("--host", help="address to bind (default 127.0.0.1, or the config's [server] host)")
+    s.add_argument("--port", type=int, help="port (default 8000, or the config's [server] port)")
+    s.add_argument("--hypercorn-config", help="a Hypercorn TOML config (e.g. configs/hypercorn.toml)")
+    s.set_defaults(func=cmd_serve, log_info=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return library_main(argv, build_parser(add_serve))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

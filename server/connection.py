@@ -1,0 +1,251 @@
+"""One WebSocket session of ``/v1/realtime``: an explicit state machine and its tasks.
+
+Three tasks per socket, none of which waits on the device:
+
+* the *receive* loop (the handler's own task) parses events and changes state;
+* the *send* task writes queued events to the socket, in order;
+* the *utterance* task drives the streaming policy: it submits windows to the shared batcher,
+  awaits their results and turns them into ``transcription.delta`` / ``transcription.done``.
+
+States::
+
+    UNVALIDATED --session.update ok--> IDLE --commit--> STREAMING --commit final--> FINISHING
+        ^                               ^                                               |
+        |                               +------------- transcription.done --------------+
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import time
+
+import numpy as np
+
+from jax_realtime.audio import SAMPLE_RATE, pcm16_to_float32
+from jax_realtime.batcher import Busy, EngineError
+from jax_realtime.engine import DecodeRequest
+from jax_realtime.streaming import Utterance
+
+from . import protocol as p
+from .app import Service
+
+log = logging.getLogger("jax_realtime.session")
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_TRY_AGAIN_LATER = 1013
+
+
+class State(enum.Enum):
+    UNVALIDATED = "unvalidated"
+    IDLE = "idle"
+    STREAMING = "streaming"
+    FINISHING = "finishing"
+
+
+class RealtimeConnection:
+    def __init__(self, websocket, service: Service):
+        self.ws = websocket
+        self.service = service
+        self.created = p.SessionCreated.new()
+        self.id = self.created.id
+        self.state = State.UNVALIDATED
+        self.session: p.SessionUpdated | None = None
+        self.prompt_tokens: list[int] = []
+        self._queued: list[np.ndarray] = []  # audio appended while no utterance runs
+        self._utterance: Utterance | None = None
+        self._utterance_task: asyncio.Task | None = None
+        self._audio_arrived = asyncio.Event()
+        self._outbox: asyncio.Queue[str | None] = asyncio.Queue()
+        # for the structured log line at the end
+        self._opened = time.monotonic()
+        self._audio_s = 0.0
+        self._utterances = 0
+        self._final_latencies: list[float] = []
+        self._first_delta_latencies: list[float] = []
+        self._finish_requested = 0.0
+
+    # -- sending ----------------------------------------------------------------------------------
+    def send(self, event) -> None:
+        self._outbox.put_nowait(p.dump(event))
+
+    async def _sender(self) -> None:
+        while (message := await self._outbox.get()) is not None:
+            await self.ws.send(message)
+
+    # -- life cycle -------------------------------------------------------------------------------
+    async def serve(self) -> None:
+        limits = self.service.config.server
+        if len(self.service.sessions) >= limits.max_sessions:
+            await self.ws.accept()
+            await self.ws.send(p.dump(p.error_event(p.SERVER_BUSY)))
+            await self.ws.close(CLOSE_TRY_AGAIN_LATER, "server busy")
+            return
+        self.service.sessions.add(self)
+        sender = asyncio.create_task(self._sender())
+        close = None
+        try:
+            self.send(self.created)
+            close = await self._receive_loop(limits.idle_timeout_s)
+        finally:
+            self._close_utterance()
+            self.service.sessions.discard(self)
+            self._log_summary()
+            if close is None:  # the client went away: nothing more to send
+                sender.cancel()
+        self._outbox.put_nowait(None)
+        await sender  # flush what is queued, then close
+        await self.ws.close(*close)
+
+    async def _receive_loop(self, idle_timeout: float) -> tuple[int, str]:
+        """Handle events until the server decides to close; returns (close code, reason).
+
+        A client disconnect cancels this task (Quart does), which ends the session.
+        """
+        while True:
+            try:
+                message = await asyncio.wait_for(self.ws.receive(), idle_timeout)
+            except TimeoutError:
+                self.send(p.error_event(p.IDLE_TIMEOUT))
+                return CLOSE_NORMAL, "idle timeout"
+            if isinstance(message, bytes):
+                self.send(p.error_event(p.INVALID_FRAME))
+                continue
+            try:
+                self._handle(p.parse_client_event(message))
+            except p.ProtocolError as exc:
+                if exc.event_type == "input_audio_buffer.commit" and self.state is State.UNVALIDATED:
+                    exc = p.ProtocolError(p.MODEL_NOT_VALIDATED)  # vLLM checks the session before the fields
+                self.send(exc.to_event())
+
+    def _close_utterance(self) -> None:
+        """Disconnect: free buffers and cancel pending work in the batcher at once."""
+        self.service.batcher.cancel(self.id)
+        if self._utterance_task is not None:
+            self._utterance_task.cancel()
+        self._utterance = None
+        self._queued = []
+
+    def _log_summary(self) -> None:
+        def ms(values):
+            return round(1000 * float(np.median(values))) if values else None
+
+        log.info(json.dumps({
+            "event": "session_closed",
+            "session": self.id,
+            "seconds": round(time.monotonic() - self._opened, 2),
+            "audio_s": round(self._audio_s, 2),
+            "utterances": self._utterances,
+            "first_delta_ms_p50": ms(self._first_delta_latencies),
+            "final_latency_ms_p50": ms(self._final_latencies),
+        }))
+
+    # -- events -----------------------------------------------------------------------------------
+    def _handle(self, event) -> None:
+        if isinstance(event, p.InputAudioBufferAppend):
+            self._append(event)
+        elif isinstance(event, p.SessionUpdate):
+            self._update(event)
+        elif isinstance(event, p.InputAudioBufferCommit):
+            self._commit(event)
+        elif isinstance(event, p.InputAudioBufferClear):
+            self._clear()
+
+    def _update(self, event: p.SessionUpdate) -> None:
+        if not self.service.serves(event.model):
+            raise p.ProtocolError.model_not_found(event.model)
+        tokenizer = self.service.engine.tokenizer
+        try:
+            tokenizer.sot_sequence(event.language, event.task)  # validates language and task
+        except ValueError as exc:
+            raise p.ProtocolError(p.PROCESSING_ERROR, str(exc)) from None
+        self.prompt_tokens = tokenizer.encode(" " + event.prompt.strip()) if event.prompt else []
+        self.session = p.SessionUpdated.from_update(event)
+        if self.state is State.UNVALIDATED:
+            self.state = State.IDLE
+        self.send(self.session)
+
+    def _append(self, event: p.InputAudioBufferAppend) -> None:
+        limits = self.service.config.server
+        pcm = p.decode_audio_payload(event.audio, limits.max_message_bytes)
+        samples = pcm16_to_float32(pcm)
+        if self.state is State.FINISHING and not self.service.config.stream.keep_audio_after_final:
+            return  # vLLM drops audio sent after final:true until the utterance is done
+        if self._buffered_samples() + len(samples) > limits.max_buffer_s * SAMPLE_RATE:
+            raise p.ProtocolError(p.BUFFER_FULL)
+        self._audio_s += len(samples) / SAMPLE_RATE
+        if self.state is State.STREAMING:
+            self._utterance.add_audio(samples)
+            self._audio_arrived.set()
+        else:
+            self._queued.append(samples)
+
+    def _buffered_samples(self) -> int:
+        queued = sum(len(a) for a in self._queued)
+        return queued + (self._utterance.pending_samples if self._utterance is not None else 0)
+
+    def _commit(self, event: p.InputAudioBufferCommit) -> None:
+        if self.state is State.UNVALIDATED:
+            raise p.ProtocolError(p.MODEL_NOT_VALIDATED)
+        if self.state is State.IDLE:
+            if event.final and not self._queued:
+                return  # nothing running and nothing to transcribe: ignore, the session stays usable
+            self._start_utterance()
+        if event.final and self.state is State.STREAMING:
+            self.state = State.FINISHING
+            self._finish_requested = time.monotonic()
+            self._utterance.finish()
+            self._audio_arrived.set()
+
+    def _clear(self) -> None:
+        self._queued = []
+        if self._utterance is not None and self.state is State.STREAMING:
+            self._utterance.drop_pending()
+
+    # -- the utterance ----------------------------------------------------------------------------
+    def _start_utterance(self) -> None:
+        engine = self.service.engine
+        utterance = Utterance(self.service.config.stream, engine.tokenizer.decode, self.prompt_tokens)
+        for chunk in self._queued:
+            utterance.add_audio(chunk)
+        self._queued = []
+        self._utterance = utterance
+        self.state = State.STREAMING
+        self._utterances += 1
+        self._utterance_task = asyncio.create_task(self._drive(utterance))
+
+    async def _drive(self, utterance: Utterance) -> None:
+        session = self.session
+        started = time.monotonic()
+        first_delta = True
+        try:
+            while not utterance.done:
+                if not utterance.wants_decode():
+                    self._audio_arrived.clear()
+                    await self._audio_arrived.wait()
+                    continue
+                window = utterance.next_window()
+                request = DecodeRequest(window.audio, session.language, session.task, timestamps=True,
+                                        prompt=window.prompt)
+                result = await self.service.batcher.submit(self.id, request)
+                delta = utterance.apply(window, result)
+                if delta:
+                    if first_delta:
+                        self._first_delta_latencies.append(time.monotonic() - started)
+                        first_delta = False
+                    self.send(p.TranscriptionDelta(delta=delta))
+            usage = p.Usage.from_counts(utterance.last_prompt_tokens, len(utterance.tokens))
+            self.send(p.TranscriptionDone(text=utterance.text, usage=usage))
+            self._final_latencies.append(time.monotonic() - self._finish_requested)
+        except (Busy, EngineError, ValueError) as exc:  # the engine could not take or decode it
+            log.warning("session %s: utterance failed: %s", self.id, exc)
+            self.send(p.error_event(p.PROCESSING_ERROR, str(exc)))
+        finally:
+            if self._utterance is utterance:
+                self._utterance = None
+                self._utterance_task = None
+                if self.state in (State.STREAMING, State.FINISHING):
+                    self.state = State.IDLE

@@ -1,0 +1,15 @@
+"""The ``/v1/realtime`` WebSocket route (thin: the work is in ``connection.py``)."""
+
+from __future__ import annotations
+
+from quart import Blueprint, current_app, websocket
+
+from .app import service_of
+from .connection import RealtimeConnection
+
+realtime = Blueprint("realtime", __name__)
+
+
+@realtime.websocket("/v1/realtime")
+async def realtime_socket():
+    await RealtimeConnection(websocket._get_current_object(), service_of(current_app)).serve()
