@@ -191,7 +191,9 @@ def test_not_utf8(tmp_path):
 @pytest.mark.parametrize("text,key", [
     ('[engine]\nmodle = "base"\n', "engine.modle"),
     ('[engine]\nmodel = "base"\nbatch_size = 4\n', "engine.batch_size"),
-    ('[server]\nport = 8000\n', "server"),
+    ('[listener]\nport = 8000\n', "listener"),
+    ('[server]\nport_number = 8000\n', "server.port_number"),
+    ('[stream]\nstep = 1.0\n', "stream.step"),
 ])
 def test_unknown_key(tmp_path, text, key):
     path = _write(tmp_path, text)
