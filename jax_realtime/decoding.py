@@ -65,48 +65,73 @@ class DecodingIds:
         return m
 
 
+class History(NamedTuple):
+    """Per row, what the rules need to know of the tokens sampled so far (a forced prefix counts
+    as sampled, so decoding can continue an earlier output)."""
+
+    count: jax.Array  # [B] tokens so far
+    last: jax.Array  # [B] the last token (-1 before any)
+    penultimate: jax.Array  # [B] the one before (the last one again while count < 2, as CTranslate2 reads it)
+    last_timestamp: jax.Array  # [B] the latest timestamp token, -1 before any
+
+    @staticmethod
+    def of_prefix(prefix, timestamp_begin: int) -> tuple[int, int, int, int]:
+        """(count, last, penultimate, last_timestamp) after ``prefix`` (host side)."""
+        last = prefix[-1] if prefix else -1
+        penultimate = prefix[-2] if len(prefix) >= 2 else last
+        stamps = [t for t in prefix if t >= timestamp_begin]
+        return len(prefix), last, penultimate, stamps[-1] if stamps else -1
+
+    def advance(self, token, timestamp_begin: int) -> "History":
+        return History(
+            count=self.count + 1,
+            last=token,
+            penultimate=jnp.where(self.count == 0, token, self.last),
+            last_timestamp=jnp.where(token >= timestamp_begin, token, self.last_timestamp),
+        )
+
+
 class DecodeState(NamedTuple):
     """What the greedy loop carries from one step to the next (fixed shapes)."""
 
-    step: jax.Array  # scalar: tokens sampled so far (the same for every row)
+    step: jax.Array  # scalar: tokens sampled by this loop (the same for every row)
     tokens: jax.Array  # [B, max_steps] sampled ids; end of text after a row finishes
     logits: jax.Array  # [B, V] logits for the next token
     done: jax.Array  # [B] bool
     sum_logprob: jax.Array  # [B]
-    last_timestamp: jax.Array  # [B] the latest timestamp token sampled, -1 before any
+    history: History
     cache: tuple  # the decoder's self-attention cache
 
 
-def apply_filters(logits, step, tokens, last_timestamp, timestamps, ids: DecodingIds):
+def apply_filters(logits, history: History, timestamps, ids: DecodingIds):
     """Whisper's logit filters for one step. ``timestamps`` ([B] bool) selects timestamp mode."""
     neg = -jnp.inf
     vocab = jnp.arange(ids.n_vocab)
     is_ts = vocab >= ids.timestamp_begin
     is_text = vocab < ids.timestamp_begin  # everything that is not a timestamp, as the rules use it
+    first = (history.count == 0)[:, None]
 
     logits = jnp.where(ids.mask(ids.suppress)[None, :], neg, logits)
-    logits = jnp.where((step == 0) & ids.mask(ids.suppress_blank)[None, :], neg, logits)
+    logits = jnp.where(first & ids.mask(ids.suppress_blank)[None, :], neg, logits)
 
     # --- timestamp rules (rows in timestamp mode only) ---
-    ts_row = timestamps[:, None]
     disable = jnp.broadcast_to(vocab == ids.no_timestamps, logits.shape)
-    # first sampled token: a timestamp, at most max_initial_timestamp
-    first = step == 0
+    # first token: a timestamp, at most max_initial_timestamp
     disable |= first & (is_text | (vocab > ids.timestamp_begin + ids.max_initial_timestamp_index))[None, :]
     # later tokens: pairs, except directly before end of text
-    last = tokens[:, jnp.maximum(step - 1, 0)]
-    penultimate = jnp.where(step >= 2, tokens[:, jnp.maximum(step - 2, 0)], last)
-    last_is_ts = (step > 0) & (last >= ids.timestamp_begin)
-    penultimate_is_ts = penultimate >= ids.timestamp_begin
+    started = history.count > 0
+    last_is_ts = started & (history.last >= ids.timestamp_begin)
+    penultimate_is_ts = history.penultimate >= ids.timestamp_begin
     after_pair = last_is_ts & penultimate_is_ts  # a pair is closed: text must follow
     after_single = last_is_ts & ~penultimate_is_ts  # a pair is open: no ordinary text
     disable |= after_pair[:, None] & is_ts[None, :]
     disable |= after_single[:, None] & (vocab < ids.eot)[None, :]
     # timestamps never decrease
-    disable |= (step > 0) & (last_timestamp[:, None] >= 0) & is_ts[None, :] & (vocab[None, :] < last_timestamp[:, None])
-    logits = jnp.where(ts_row & disable, neg, logits)
+    ts = history.last_timestamp[:, None]
+    disable |= started[:, None] & (ts >= 0) & is_ts[None, :] & (vocab[None, :] < ts)
+    logits = jnp.where(timestamps[:, None] & disable, neg, logits)
     # force a timestamp when all timestamps together are likelier than any text token
-    check = timestamps & (step > 0) & ~after_pair
+    check = timestamps & started & ~after_pair
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     ts_logprob = jax.nn.logsumexp(jnp.where(is_ts[None, :], logprobs, neg), axis=-1)
     text_max = jnp.max(jnp.where(is_text[None, :], logprobs, neg), axis=-1)
@@ -115,18 +140,21 @@ def apply_filters(logits, step, tokens, last_timestamp, timestamps, ids: Decodin
 
 
 def greedy_step(state: DecodeState, timestamps, max_new, ids: DecodingIds):
-    """Pick the next token of every row; finished rows keep emitting end of text."""
-    logits = apply_filters(state.logits, state.step, state.tokens, state.last_timestamp, timestamps, ids)
+    """Pick the next token of every row; finished rows keep emitting end of text.
+
+    ``max_new`` ([B]) is how many tokens this loop may sample for each row.
+    """
+    logits = apply_filters(state.logits, state.history, timestamps, ids)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     token_logprob = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
     token = jnp.where(state.done, ids.eot, token)
     sum_logprob = state.sum_logprob + jnp.where(state.done, 0.0, token_logprob)
     tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], state.step, axis=1)
-    last_timestamp = jnp.where(token >= ids.timestamp_begin, token, state.last_timestamp)
     done = state.done | (token == ids.eot) | (state.step + 1 >= max_new)
     return token, state._replace(
-        step=state.step + 1, tokens=tokens, done=done, sum_logprob=sum_logprob, last_timestamp=last_timestamp
+        step=state.step + 1, tokens=tokens, done=done, sum_logprob=sum_logprob,
+        history=state.history.advance(token, ids.timestamp_begin),
     )
 
 

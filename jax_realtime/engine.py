@@ -33,6 +33,7 @@ from .decoding import (
     COMPRESSION_RATIO_THRESHOLD,
     DecodeState,
     DecodingIds,
+    History,
     Segment,
     compression_ratio,
     greedy_step,
@@ -97,12 +98,13 @@ class DecodeRequest:
     task: str = "transcribe"
     timestamps: bool = False
     prompt: Sequence[int] = ()  # previous text tokens, conditioning the decoder (<|startofprev|>)
+    prefix: Sequence[int] = ()  # the output must start with these (timestamps included); decoding continues them
     min_window_s: float = 0.0  # decode in a window at least this long (fallback from short windows)
 
 
 @dataclasses.dataclass
 class DecodeResult:
-    tokens: list[int]  # sampled ids without end of text (timestamp ids included in timestamp mode)
+    tokens: list[int]  # the window's output: prefix + sampled ids, without end of text (timestamps included)
     text: str
     language: str
     avg_logprob: float
@@ -111,7 +113,8 @@ class DecodeResult:
     hit_token_limit: bool  # stopped at the token limit, not at end of text
     duration_s: float  # audio in the request
     window_s: float  # the encoder window it was decoded in
-    prompt_tokens: int  # tokens before the first sampled one
+    prompt_tokens: int  # tokens before the first sampled one (previous text, start sequence, prefix)
+    sampled_tokens: int  # tokens this call generated (end of text included when reached)
     segments: list[Segment]  # timestamp mode: the window's segments; else one segment
     seek_s: float  # timestamp mode: where the next window should start
 
@@ -127,6 +130,7 @@ class Bucket:
 class _Prepared:
     request: DecodeRequest
     tokens: list[int]  # initial tokens (a -1 marks the language slot to detect)
+    prefix: list[int]
     sot_index: int
     language_index: int  # -1 when the model has no language slot
     window_s: float
@@ -177,7 +181,7 @@ class Engine:
         param_spec = jax.tree_util.tree_map(lambda _: sharding.replicated(self.mesh), self.params)
         self._jitted = jax.jit(
             self._run_bucket,
-            in_shardings=(param_spec,) + (batch_spec,) * 7,
+            in_shardings=(param_spec,) + (batch_spec,) * 8,
             out_shardings=batch_spec,
         )
 
@@ -213,10 +217,11 @@ class Engine:
             ((b,), jnp.int32),  # language_index (-1: none)
             ((b,), jnp.bool_),  # timestamps
             ((b,), jnp.int32),  # max_new tokens
+            ((b, 4), jnp.int32),  # history of a forced prefix: count, last, penultimate, last timestamp
         ]
 
     # -- the compiled function -------------------------------------------------------------------
-    def _run_bucket(self, params, audio, prompt, start, sot_index, language_index, timestamps, max_new):
+    def _run_bucket(self, params, audio, prompt, start, sot_index, language_index, timestamps, max_new, history):
         model, ids, variables = self.model, self.ids, {"params": params}
         batch, prompt_len = prompt.shape
         rows = jnp.arange(batch)
@@ -248,7 +253,7 @@ class Engine:
             logits=model.apply(variables, hidden[:, -1], method=Whisper.logits),
             done=max_new <= 0,
             sum_logprob=jnp.zeros((batch,), jnp.float32),
-            last_timestamp=jnp.full((batch,), -1, jnp.int32),
+            history=History(history[:, 0], history[:, 1], history[:, 2], history[:, 3]),
             cache=cache,
         )
 
@@ -289,12 +294,16 @@ class Engine:
         previous: list[int] = []
         if request.prompt:
             room = min(self.dims.n_text_ctx // 2 - 1, max(self.prompt_buckets) - len(sot_sequence) - 1)
+            room -= len(request.prefix)
             if room > 0:
                 previous = [self.tokenizer.sot_prev] + [int(t) for t in request.prompt][-room:]
-        tokens = previous + sot_sequence
+        prefix = [int(t) for t in request.prefix]
+        if len(prefix) >= self.dims.max_new_tokens:
+            raise ValueError(f"a prefix of {len(prefix)} tokens leaves no room in a window")
+        tokens = previous + sot_sequence + prefix
         sot_index = len(previous)
         language_index = sot_index + 1 if self.dims.multilingual else -1
-        return _Prepared(request, tokens, sot_index, language_index, window)
+        return _Prepared(request, tokens, prefix, sot_index, language_index, window)
 
     def decode(self, requests: Sequence[DecodeRequest]) -> list[DecodeResult]:
         """Decode windows of audio; results come back in the order of ``requests``.
@@ -340,6 +349,7 @@ class Engine:
         language_index = np.full((size,), -1, np.int32)
         timestamps = np.zeros((size,), bool)
         max_new = np.zeros((size,), np.int32)  # padding rows are finished from the start
+        history = np.tile(np.array([0, -1, -1, -1], np.int32), (size, 1))
         prompt[:, -1] = self.ids.sot
         for row, p in enumerate(batch):
             audio[row, : len(p.request.audio)] = p.request.audio
@@ -349,17 +359,21 @@ class Engine:
             sot_index[row] = offset + p.sot_index
             language_index[row] = offset + p.language_index if p.language_index >= 0 else -1
             timestamps[row] = p.request.timestamps
-            max_new[row] = min(self.max_steps, self.dims.n_text_ctx - len(p.tokens))
+            # Whisper's budget is per window, prefix included; the text context bounds it too
+            max_new[row] = min(self.max_steps - len(p.prefix), self.dims.n_text_ctx - len(p.tokens))
+            history[row] = History.of_prefix(p.prefix, self.ids.timestamp_begin)
 
         executable = self._executable(bucket)
-        args = sharding.put_batch([audio, prompt, start, sot_index, language_index, timestamps, max_new], self.mesh)
+        args = sharding.put_batch([audio, prompt, start, sot_index, language_index, timestamps, max_new, history],
+                                  self.mesh)
         out = jax.device_get(executable(self.params, *args))
         return [self._result(p, out, row, int(max_new[row])) for row, p in enumerate(batch)]
 
     def _result(self, p: _Prepared, out: dict, row: int, max_new: int) -> DecodeResult:
         sampled = [int(t) for t in out["tokens"][row][:max_new]]
         ended = self.ids.eot in sampled
-        tokens = sampled[: sampled.index(self.ids.eot)] if ended else sampled
+        n_sampled = sampled.index(self.ids.eot) + 1 if ended else len(sampled)
+        tokens = p.prefix + sampled[: n_sampled - ended]
         duration = len(p.request.audio) / SAMPLE_RATE
         language = self._language_code(int(out["language"][row]))
         if p.request.timestamps:
@@ -373,13 +387,14 @@ class Engine:
             tokens=tokens,
             text=text,
             language=language,
-            avg_logprob=float(out["sum_logprob"][row]) / (len(tokens) + 1),
+            avg_logprob=float(out["sum_logprob"][row]) / (n_sampled - ended + 1),
             no_speech_prob=float(out["no_speech_prob"][row]),
             compression_ratio=compression_ratio(text),
             hit_token_limit=not ended,
             duration_s=duration,
             window_s=p.window_s,
             prompt_tokens=len(p.tokens),
+            sampled_tokens=n_sampled,
             segments=segments,
             seek_s=seek,
         )

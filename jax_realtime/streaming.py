@@ -7,19 +7,20 @@ The policy (LocalAgreement-2 on tokens, after Macháček et al., "Turning Whispe
 Transcription System", 2023):
 
 * The *window* is the utterance's audio from ``window_start`` on (at most 30 s).  After every
-  ``step_s`` of new audio it is decoded again, with timestamps and with the text already committed
-  before the window as the prompt.
-* A token is *committed* (and sent as a delta) once two consecutive hypotheses of the same
-  window agree on it: the committed text is the longest common prefix of the last two
-  hypotheses.  Tokens are compared, text is emitted: a delta is the new part of the decoded
-  committed text, held back while it ends inside a multi-byte character.
-* Before the window grows past ``trim_after_s``, it is trimmed at the end of a completed
-  segment whose text is fully committed; that text moves into the prompt.  If the window reaches
-  the 30 s limit without such a segment, completed segments are committed as they are (or, with
-  none, the whole hypothesis) so utterances of any length work.
+  ``step_s`` of new audio it is decoded again in timestamp mode, conditioned on the text before
+  the window (the prompt) and *continuing* the window's committed output (a forced prefix, its
+  timestamps included): committed text is never decoded twice and never revised.
+* New text is *committed* (and sent as a delta) once ``agreement`` consecutive hypotheses agree
+  on it: the longest common prefix of their text tokens.  Tokens are compared, text is emitted: a
+  delta is the new part of the decoded committed text, held back while it ends inside a
+  multi-byte character.
+* Once the window is longer than ``trim_after_s`` it is trimmed at a segment boundary (a pair of
+  timestamps) inside the committed output: the text before it moves into the prompt and the
+  committed tokens after it are re-timed.  If the window reaches its limit without such a boundary,
+  the hypothesis is committed up to its last boundary (or whole) so utterances of any length work.
 * A hypothesis Whisper itself would discard as silence (no-speech probability above 0.6 with an
-  average log-probability below -1, or a compression ratio above 2.4) counts as empty; a silent
-  window is trimmed instead of growing.
+  average log-probability below -1) or as repetitive (compression ratio above 2.4) counts as
+  empty; a silent window is trimmed rather than left to grow.
 * After ``finish()`` the remaining audio is decoded and everything is committed; ``text`` is then
   exactly the concatenation of all deltas.
 """
@@ -27,24 +28,28 @@ Transcription System", 2023):
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Protocol, Sequence
+import difflib
+from typing import Protocol, Sequence
 
 import numpy as np
 
-from .audio import SAMPLE_RATE
+from .audio import SAMPLE_RATE, TIME_PRECISION
 from .config import StreamConfig
 
 
-class _Segment(Protocol):
-    end: float
-    tokens: list[int]
-    complete: bool
+class TokenText(Protocol):
+    """What the policy needs of a tokenizer (``tokenizer.WhisperTokenizer`` provides it)."""
+
+    eot: int
+    timestamp_begin: int
+
+    def decode(self, ids: Sequence[int]) -> str: ...
 
 
 class WindowResult(Protocol):
     """What the policy reads from an engine result (``engine.DecodeResult`` provides it)."""
 
-    segments: Sequence[_Segment]
+    tokens: list[int]  # the whole output: the forced prefix, then what was sampled
     no_speech_prob: float
     avg_logprob: float
     compression_ratio: float
@@ -53,12 +58,15 @@ class WindowResult(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Window:
-    """A request to decode ``audio`` (the window), conditioned on ``prompt`` (previous text)."""
+    """A request to decode ``audio`` after ``prompt`` (previous text), continuing ``prefix``."""
 
     audio: np.ndarray
     prompt: list[int]
+    prefix: list[int]
     start_s: float  # where the window starts in the utterance
     end_sample: int  # utterance sample index at which the window ends
+    fresh: bool = False  # decoded without the committed prefix, to find segment boundaries
+    min_window_s: float = 0.0  # encoder window to use at least
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -73,18 +81,18 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class Utterance:
     """The streaming state of one utterance."""
 
-    def __init__(self, settings: StreamConfig, decode_text: Callable[[Sequence[int]], str],
-                 initial_prompt: Sequence[int] = ()):
+    def __init__(self, settings: StreamConfig, tokenizer: TokenText, initial_prompt: Sequence[int] = ()):
         self.settings = settings
-        self._decode_text = decode_text
-        self._audio = np.zeros(0, np.float32)  # audio from window_start to the newest sample
+        self._tok = tokenizer
+        self._audio = np.zeros(0, np.float32)  # audio from the window's start to the newest sample
         self._window_start = 0  # utterance sample index of _audio[0]
         self._decoded_until = 0  # utterance sample index the last requested window reached
-        self._prompt = list(initial_prompt)  # committed text before the window (+ the user's prompt)
-        self._window_committed: list[int] = []  # committed tokens inside the current window
-        self._history: list[list[int]] = []  # the latest hypotheses of the current window
-        self.tokens: list[int] = []  # every committed token of the utterance
-        self.text = ""  # the concatenation of every delta sent
+        self._prompt = list(initial_prompt)  # text before the window (and the user's prompt)
+        self._committed: list[int] = []  # the window's committed output, timestamps included
+        self._history: list[list[int]] = []  # latest hypotheses' continuations of _committed
+        self.tokens: list[int] = []  # every committed text token of the utterance
+        self.text = ""  # the concatenation of every delta returned
+        self._next_resegment = 0  # utterance sample index before which no fresh decode is tried
         self.finishing = False
         self.done = False
         self.decodes = 0
@@ -114,7 +122,7 @@ class Utterance:
 
     def finish(self) -> None:
         self.finishing = True
-        if self.received_samples == 0:
+        if len(self._audio) == 0:  # nothing left to decode
             self.done = True
 
     # -- scheduling ----------------------------------------------------------------------------
@@ -123,123 +131,189 @@ class Utterance:
             return False
         if self.finishing:
             return True
-        step = round(self.settings.step_s * SAMPLE_RATE)
-        return self.pending_samples >= step and len(self._audio) > 0
+        return len(self._audio) > 0 and self.pending_samples >= round(self.settings.step_s * SAMPLE_RATE)
 
     def next_window(self) -> Window:
-        limit = round(self.settings.max_window_s * SAMPLE_RATE)
-        audio = self._audio[:limit]
+        audio = self._audio[: round(self.settings.max_window_s * SAMPLE_RATE)]
         end = self._window_start + len(audio)
         self._decoded_until = max(self._decoded_until, end)
-        prompt = self._prompt[-self.settings.max_prompt_tokens:]
-        return Window(audio, prompt, self._window_start / SAMPLE_RATE, end)
+        prompt = self._prompt[-self.settings.max_prompt_tokens:] if self.settings.max_prompt_tokens else []
+        fresh = self._resegment_due(len(audio))
+        prefix = [] if fresh else list(self._committed)
+        # Whisper places timestamps reliably only in its full 30 s window (a shorter encoder
+        # window with a prompt often yields none), so the fresh decode uses the full window.
+        min_window = self.settings.max_window_s if fresh else 0.0
+        return Window(audio, prompt, prefix, self._window_start / SAMPLE_RATE, end, fresh, min_window)
+
+    def _resegment_due(self, window_samples: int) -> bool:
+        """A long window whose committed output has no segment boundary to trim at.
+
+        Continuing a long committed prefix, Whisper often stops placing timestamps, so the
+        window is decoded once without the prefix: Whisper segments it afresh.
+        """
+        return (not self.finishing and window_samples > self.settings.trim_after_s * SAMPLE_RATE
+                and bool(self._text(self._committed)) and not self._boundaries(self._committed)
+                and self.received_samples >= self._next_resegment)
 
     # -- results -------------------------------------------------------------------------------
-    def _hypothesis(self, result: WindowResult) -> tuple[list[int], list[_Segment]]:
-        s = self.settings
-        silent = result.no_speech_prob > s.no_speech_threshold and result.avg_logprob < s.logprob_threshold
-        if silent or result.compression_ratio > s.compression_ratio_threshold:
-            return [], []
-        segments = [seg for seg in result.segments if seg.tokens]
-        return [t for seg in segments for t in seg.tokens], segments
-
     def apply(self, window: Window, result: WindowResult) -> str:
         """Take the engine's result for ``window``; returns the new delta (may be empty)."""
+        current = window.fresh or window.prefix == self._committed
+        if not current or window.start_s != self._window_start / SAMPLE_RATE:
+            raise RuntimeError("a result for a window that is no longer current")
         self.decodes += 1
         self.last_prompt_tokens = result.prompt_tokens
-        hypothesis, segments = self._hypothesis(result)
-        covers_all = window.end_sample >= self.received_samples
+        s = self.settings
+        silent = result.no_speech_prob > s.no_speech_threshold and result.avg_logprob < s.logprob_threshold
+        repetitive = result.compression_ratio > s.compression_ratio_threshold
+        continuation = [] if silent or repetitive else list(result.tokens[len(window.prefix):])
         window_s = len(window.audio) / SAMPLE_RATE
-        aligned = self._aligned(hypothesis)
+        covers_all = window.end_sample >= self.received_samples
+        if window.fresh:
+            self._resegment(continuation)
+            return self._emit()
 
         if self.finishing and covers_all:
-            self._commit(hypothesis, aligned, len(hypothesis))
+            self._commit(continuation)
             self.done = True
             return self._emit()
 
-        self._history = (self._history + [hypothesis])[-self.settings.agreement:]
-        if len(self._history) == self.settings.agreement:
-            continuations = [h[self._aligned(h):] for h in self._history]
-            stable = len(continuations[-1])
-            for other in continuations[:-1]:
-                stable = min(stable, _common_prefix(other, continuations[-1]))
-            aligned = self._commit(hypothesis, aligned, aligned + stable)
+        self._history = (self._history + [continuation])[-s.agreement:]
+        if len(self._history) == s.agreement:
+            texts = [self._text(h) for h in self._history]
+            stable = min(_common_prefix(t, texts[-1]) for t in texts)
+            self._commit_text(stable)
+        continuation = self._history[-1]  # what is left of it after the commit
 
-        full = window_s >= self.settings.max_window_s - 1e-6
-        if not hypothesis and (window_s > self.settings.trim_after_s or full or self.finishing):
-            self._trim_silence(window)
-        elif window_s > self.settings.trim_after_s or full or (self.finishing and not covers_all):
-            self._trim(hypothesis, segments, aligned, force=full or self.finishing)
+        # A window decoded before final:true arrived does not cover the audio sent since: it only
+        # feeds the agreement, and the next window covers the rest.  Only a full window is forced.
+        full = window_s >= s.max_window_s - 1e-6
+        if full or window_s > s.trim_after_s:
+            if self._committed or continuation:
+                self._trim(continuation, len(window.audio), force=full)
+            else:
+                self._trim_silence(window)
+        if self.finishing and len(self._audio) == 0:
+            self.done = True
         return self._emit()
 
-    def _aligned(self, hypothesis: list[int]) -> int:
-        """Where the window's committed text ends in ``hypothesis``.
+    def _text(self, raw: Sequence[int]) -> list[int]:
+        return [t for t in raw if t < self._tok.eot]
 
-        Usually the hypothesis starts with the committed tokens.  When Whisper revised them, the
-        continuation starts after the last place the committed text's final tokens appear.
+    def _commit(self, raw: list[int]) -> None:
+        """Commit ``raw``, the next tokens of the window's output."""
+        self._committed += raw
+        self.tokens += self._text(raw)
+        n_text = len(self._text(raw))
+        self._history = [self._drop_text(h, n_text) for h in self._history]
+
+    def _commit_text(self, n_text: int) -> None:
+        """Commit the latest hypothesis up to and including its ``n_text``-th text token.
+
+        When every hypothesis puts a timestamp right after that token (a segment ends there,
+        though the times may differ), the latest hypothesis's timestamps are committed too: they
+        give the window the segment boundaries it is trimmed at.
         """
-        done = self._window_committed
-        if hypothesis[: len(done)] == done:
-            return len(done)
-        for n in range(min(4, len(done)), 0, -1):
-            tail = done[-n:]
-            hits = [i + n for i in range(len(hypothesis) - n + 1) if hypothesis[i:i + n] == tail]
-            if hits:
-                return min(hits, key=lambda i: abs(i - len(done)))
-        return min(len(done), len(hypothesis))
-
-    def _commit(self, hypothesis: list[int], aligned: int, upto: int) -> int:
-        """Commit ``hypothesis[aligned:upto]``; returns the new aligned position."""
-        if upto > aligned:
-            self.tokens += hypothesis[aligned:upto]
-            self._window_committed = hypothesis[:upto]
-            return upto
-        return aligned
-
-    def _trim(self, hypothesis: list[int], segments: list[_Segment], aligned: int, force: bool) -> None:
-        """Move the window's start to the end of the last completed segment that is committed.
-
-        With ``force`` (the window is full, or the utterance is finishing) the completed segments
-        are committed first; with no completed segment, the whole hypothesis is.
-        """
-        cut_s, count, total = None, 0, 0
-        for seg in segments:
-            if not seg.complete:
-                break
-            total += len(seg.tokens)
-            if force or total <= aligned:
-                cut_s, count = seg.end, total
-        if force and cut_s is None:
-            cut_s, count = len(self._audio[: round(self.settings.max_window_s * SAMPLE_RATE)]) / SAMPLE_RATE, len(hypothesis)
-        if cut_s is None or cut_s <= 0:
+        if n_text <= 0:
             return
+        begin = self._tok.timestamp_begin
+        ends = [self._text_end(h, n_text) for h in self._history]
+        latest, end = self._history[-1], ends[-1]
+        if all(e < len(h) and h[e] >= begin for h, e in zip(self._history, ends)):
+            while end < len(latest) and latest[end] >= begin:
+                end += 1
+        self._commit(latest[:end])
+
+    def _text_end(self, raw: Sequence[int], n_text: int) -> int:
+        """Index just after the ``n_text``-th text token of ``raw``."""
+        seen = 0
+        for i, t in enumerate(raw):
+            if t < self._tok.eot:
+                seen += 1
+                if seen == n_text:
+                    return i + 1
+        return len(raw)
+
+    def _drop_text(self, raw: list[int], n_text: int) -> list[int]:
+        return raw[self._text_end(raw, n_text):] if n_text else raw
+
+    def _boundaries(self, raw: Sequence[int]) -> list[int]:
+        """Indices ``i`` where ``raw[i-1]`` closes a segment and ``raw[i]`` opens the next."""
+        begin = self._tok.timestamp_begin
+        return [i for i in range(1, len(raw)) if raw[i - 1] >= begin and raw[i] >= begin]
+
+    def _trim(self, continuation: list[int], window_samples: int, force: bool) -> None:
+        """Move the window's start to a segment boundary inside the committed output.
+
+        With ``force`` (the window is at its limit, or the utterance is finishing with more audio
+        than one window) the hypothesis is committed up to its last boundary first, or whole.
+        """
         if force:
-            aligned = self._commit(hypothesis, aligned, count)
-        moved = hypothesis[:count]
-        self._prompt += moved
-        self._window_committed = hypothesis[count:aligned]
-        self._history = [h[count:] for h in self._history if h[:count] == moved]
-        cut = min(round(cut_s * SAMPLE_RATE), len(self._audio))
-        self._audio = self._audio[cut:]
-        self._window_start += cut
+            whole = self._committed + continuation
+            cuts = [i for i in self._boundaries(whole) if i >= len(self._committed)]
+            if not cuts:  # no boundary at all: commit the whole hypothesis and start a fresh window
+                self._commit(continuation)
+                self._cut(len(self._committed), window_samples)
+                return
+            self._commit(continuation[: cuts[-1] + 1 - len(self._committed)])  # through the opening timestamp
+        cuts = [i for i in self._boundaries(self._committed) if i < len(self._committed)]
+        if cuts:
+            i = cuts[-1]
+            self._cut(i, (self._committed[i - 1] - self._tok.timestamp_begin) * round(TIME_PRECISION * SAMPLE_RATE))
+
+    def _resegment(self, fresh: list[int]) -> None:
+        """Trim at the last boundary of a fresh hypothesis that falls inside the committed text.
+
+        The fresh text may differ from the committed one in places ("home. Awake ye" against
+        "home, awake ye"), so the two are aligned token by token (difflib); a boundary counts
+        when the two tokens before it are aligned.  The committed output after it becomes the
+        fresh segment's opening timestamp followed by the rest of the committed text.
+        """
+        committed = self._text(self._committed)
+        fresh_text = self._text(fresh)
+        aligned = {}
+        matcher = difflib.SequenceMatcher(None, fresh_text, committed, autojunk=False)
+        for block in matcher.get_matching_blocks():
+            for k in range(block.size):
+                aligned[block.a + k] = block.b + k
+        best = None
+        for i in self._boundaries(fresh):
+            n_text = len(self._text(fresh[:i]))  # fresh text tokens before the boundary
+            if n_text >= 2 and aligned.get(n_text - 1) is not None and aligned.get(n_text - 2) == aligned[n_text - 1] - 1:
+                best = (i, aligned[n_text - 1] + 1)
+        if best is None:
+            self._next_resegment = self.received_samples + round(self.settings.trim_after_s / 2 * SAMPLE_RATE)
+            return
+        i, n_committed = best
+        self._committed = committed[:n_committed] + [fresh[i]] + committed[n_committed:]
+        self._cut(n_committed, (fresh[i - 1] - self._tok.timestamp_begin) * round(TIME_PRECISION * SAMPLE_RATE))
+
+    def _cut(self, index: int, samples: int) -> None:
+        """Drop ``samples`` of audio and the first ``index`` committed tokens (they become prompt)."""
+        samples = min(samples, len(self._audio))
+        if samples <= 0:
+            return
+        begin = self._tok.timestamp_begin
+        shift = samples // round(TIME_PRECISION * SAMPLE_RATE)
+        self._prompt += self._text(self._committed[:index])
+        self._committed = [t if t < begin else max(begin, t - shift) for t in self._committed[index:]]
+        self._history = []  # hypotheses of the old window no longer continue the new prefix
+        self._audio = self._audio[samples:]
+        self._window_start += samples
 
     def _trim_silence(self, window: Window) -> None:
         """A window that decodes to nothing: keep only its last second (speech may be starting)."""
-        if self._window_committed:
-            return
-        keep = round(self.settings.silence_keep_s * SAMPLE_RATE)
+        keep = 0 if self.finishing else round(self.settings.silence_keep_s * SAMPLE_RATE)
         cut = max(0, window.end_sample - self._window_start - keep)
-        if self.finishing:
-            cut = window.end_sample - self._window_start
         self._audio = self._audio[cut:]
         self._window_start += cut
         self._history = []
 
     def _emit(self) -> str:
-        text = self._decode_text(self.tokens).lstrip()
+        text = self._tok.decode(self.tokens).lstrip()
         if not self.done and text.endswith("\ufffd"):
             return ""  # a character split across tokens: wait for the rest
         if not text.startswith(self.text):
-            return ""  # cannot happen with committed tokens only growing; never un-send text
+            return ""  # committed tokens only grow, so this cannot happen; never un-send text
         delta, self.text = text[len(self.text):], text
         return delta

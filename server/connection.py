@@ -106,8 +106,10 @@ class RealtimeConnection:
         A client disconnect cancels this task (Quart does), which ends the session.
         """
         while True:
+            # while an utterance is finishing the client rightly waits for its done: no idle timeout
+            timeout = None if self.state is State.FINISHING else idle_timeout
             try:
-                message = await asyncio.wait_for(self.ws.receive(), idle_timeout)
+                message = await asyncio.wait_for(self.ws.receive(), timeout)
             except TimeoutError:
                 self.send(p.error_event(p.IDLE_TIMEOUT))
                 return CLOSE_NORMAL, "idle timeout"
@@ -208,7 +210,7 @@ class RealtimeConnection:
     # -- the utterance ----------------------------------------------------------------------------
     def _start_utterance(self) -> None:
         engine = self.service.engine
-        utterance = Utterance(self.service.config.stream, engine.tokenizer.decode, self.prompt_tokens)
+        utterance = Utterance(self.service.config.stream, engine.tokenizer, self.prompt_tokens)
         for chunk in self._queued:
             utterance.add_audio(chunk)
         self._queued = []
@@ -229,7 +231,7 @@ class RealtimeConnection:
                     continue
                 window = utterance.next_window()
                 request = DecodeRequest(window.audio, session.language, session.task, timestamps=True,
-                                        prompt=window.prompt)
+                                        prompt=window.prompt, prefix=window.prefix, min_window_s=window.min_window_s)
                 result = await self.service.batcher.submit(self.id, request)
                 delta = utterance.apply(window, result)
                 if delta:

@@ -23,6 +23,7 @@ from jax_realtime.decoding import (
     COMPRESSION_RATIO_THRESHOLD,
     MAX_INITIAL_TIMESTAMP,
     DecodeState,
+    History,
     DecodingIds,
     Segment,
     apply_filters,
@@ -54,17 +55,12 @@ def _filters(logits, step, histories, timestamps, ids=IDS):
     logits = np.asarray(logits, np.float32)
     if logits.ndim == 1:
         logits = logits[None]
-    batch = logits.shape[0]
-    tokens = np.full((batch, MAX_STEPS), ids.eot, np.int32)
-    last_ts = np.full((batch,), -1, np.int32)
-    for row, history in enumerate(histories):
+    rows = []
+    for history in histories:
         assert len(history) == step
-        tokens[row, :step] = history
-        stamps = [t for t in history if t >= ids.timestamp_begin]
-        if stamps:
-            last_ts[row] = stamps[-1]
-    out = _apply_filters_jit(jnp.asarray(logits), jnp.int32(step), jnp.asarray(tokens), jnp.asarray(last_ts),
-                             jnp.asarray(np.asarray(timestamps, bool)), ids)
+        rows.append(History.of_prefix(list(history), ids.timestamp_begin))
+    state = History(*(jnp.asarray(np.asarray(col, np.int32)) for col in zip(*rows)))
+    out = _apply_filters_jit(jnp.asarray(logits), state, jnp.asarray(np.asarray(timestamps, bool)), ids)
     return np.asarray(out)
 
 
@@ -303,7 +299,12 @@ def _state(logits, done, step=0, tokens=None, sum_logprob=None, last_ts=None):
         logits=jnp.asarray(np.asarray(logits, np.float32)),
         done=jnp.asarray(np.asarray(done, bool)),
         sum_logprob=jnp.asarray(sum_logprob if sum_logprob is not None else np.zeros(batch, np.float32)),
-        last_timestamp=jnp.asarray(last_ts if last_ts is not None else np.full(batch, -1, np.int32)),
+        history=History(
+            count=jnp.full((batch,), step, jnp.int32),
+            last=jnp.full((batch,), -1, jnp.int32),
+            penultimate=jnp.full((batch,), -1, jnp.int32),
+            last_timestamp=jnp.asarray(last_ts if last_ts is not None else np.full(batch, -1, np.int32)),
+        ),
         cache=(),
     )
 
@@ -370,7 +371,7 @@ def test_greedy_step_tracks_the_last_timestamp():
     state = _state(logits, [False, True])
     token, s = _greedy_step_jit(state, jnp.asarray([True, True]), jnp.asarray([5, 5]), ids=IDS)
     assert token.tolist() == [32, EOT]
-    assert np.asarray(s.last_timestamp).tolist() == [32, -1]
+    assert np.asarray(s.history.last_timestamp).tolist() == [32, -1]
     # step 1 after the initial timestamp: text must follow, and the last timestamp is kept
     logits2 = np.zeros((2, 40), np.float32)
     logits2[:, 33] = 9.0
@@ -378,7 +379,7 @@ def test_greedy_step_tracks_the_last_timestamp():
     token, s = _greedy_step_jit(s._replace(logits=jnp.asarray(logits2)), jnp.asarray([True, True]),
                                 jnp.asarray([5, 5]), ids=IDS)
     assert token.tolist() == [8, EOT]
-    assert np.asarray(s.last_timestamp).tolist() == [32, -1]
+    assert np.asarray(s.history.last_timestamp).tolist() == [32, -1]
 
 
 # -- segments ------------------------------------------------------------------------------------

@@ -146,3 +146,16 @@ def test_sharded_over_four_devices_matches_one_device():
     assert out["batch_buckets"] == [4]
     assert out["sharded"] == out["single"]
     assert all(out["sharded"])
+
+
+@pytest.mark.parametrize("timestamps", [False, True])
+def test_prefix_continues_the_models_own_output(tiny_engine, english_clips, timestamps):
+    """Forcing the first tokens of an output and decoding on gives that same output back."""
+    clips = english_clips[6:10]
+    full = tiny_engine.decode([DecodeRequest(a, timestamps=timestamps) for a in clips])
+    cut = [len(r.tokens) // 2 for r in full]
+    continued = tiny_engine.decode([DecodeRequest(a, timestamps=timestamps, prefix=r.tokens[:k])
+                                    for a, r, k in zip(clips, full, cut)])
+    assert [r.tokens for r in continued] == [r.tokens for r in full]
+    assert [r.sampled_tokens for r in continued] == [len(r.tokens) - k + 1 for r, k in zip(full, cut)]
+    assert all(r.prompt_tokens == f.prompt_tokens + k for r, f, k in zip(continued, full, cut))
