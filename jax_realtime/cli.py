@@ -67,7 +67,7 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (compilation, loading)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("transcribe", help="transcribe audio files (up to 30 s each)")
+    t = sub.add_parser("transcribe", help="transcribe audio files of any length")
     t.add_argument("files", nargs="+", metavar="FILE", help="wav, flac, ogg or mp3; any sample rate")
     add_engine_flags(t)
     t.add_argument("--language", help="ISO code (default: detect on multilingual models, English otherwise)")

@@ -76,6 +76,10 @@ class EngineConfig(BaseModel):
     window_buckets: tuple[float, ...] = (10.0, 20.0, 30.0)
     prompt_buckets: tuple[int, ...] = (8, 64, 232)
     window_fallback: bool = True  # re-decode degenerate short-window output in a longer window
+    # Rows the encoder processes at once.  None: 1 on a single CPU device (there a batched
+    # encoder is slower than one row after another: its attention no longer fits in cache),
+    # the whole batch elsewhere.
+    encoder_rows: int | None = Field(None, ge=1)
     cache_dir: str = Field(default_factory=default_cache_dir)
     compilation_cache: bool = True
 

@@ -139,14 +139,28 @@ def apply_filters(logits, history: History, timestamps, ids: DecodingIds):
     return jnp.where(force_ts[:, None] & is_text[None, :], neg, logits)
 
 
-def greedy_step(state: DecodeState, timestamps, max_new, ids: DecodingIds):
+def greedy_step(state: DecodeState, timestamps, max_new, ids: DecodingIds, temperature=None, seed=None):
     """Pick the next token of every row; finished rows keep emitting end of text.
 
-    ``max_new`` ([B]) is how many tokens this loop may sample for each row.
+    ``max_new`` ([B]) is how many tokens this loop may sample for each row.  Rows with a
+    ``temperature`` above 0 sample from ``softmax(logits / temperature)`` with a key derived from
+    their ``seed`` and the step; the others (and every row when ``temperature`` is None) take the
+    argmax.  The log-probability kept is that of the filtered logits at temperature 1, as in
+    openai-whisper.
     """
     logits = apply_filters(state.logits, state.history, timestamps, ids)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
-    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if temperature is None:
+        token = greedy
+    else:
+        def sample(_):
+            keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), state.step))(seed)
+            scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+            drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+            return jnp.where(temperature > 0, drawn, greedy)
+
+        token = jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, None)
     token_logprob = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
     token = jnp.where(state.done, ids.eot, token)
     sum_logprob = state.sum_logprob + jnp.where(state.done, 0.0, token_logprob)
@@ -167,6 +181,7 @@ class Segment:
     tokens: list[int]  # text tokens only
     text: str
     complete: bool = True  # False: text after the last timestamp pair, cut off by the window
+    raw: list[int] = dataclasses.field(default_factory=list)  # the segment's ids, timestamps included
 
 
 def split_segments(tokens: list[int], tokenizer: WhisperTokenizer, duration_s: float) -> tuple[list[Segment], float]:
@@ -211,7 +226,7 @@ def _split(tokens: list[int], tokenizer: WhisperTokenizer, duration_s: float) ->
 
 def _segment(part: list[int], start: float, end: float, tokenizer: WhisperTokenizer, complete: bool = True) -> Segment:
     text_tokens = [t for t in part if not tokenizer.is_timestamp(t)]
-    return Segment(start, max(start, end), text_tokens, tokenizer.decode(text_tokens), complete)
+    return Segment(start, max(start, end), text_tokens, tokenizer.decode(text_tokens), complete, list(part))
 
 
 def compression_ratio(text: str) -> float:

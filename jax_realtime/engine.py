@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 # -- compilation accounting ------------------------------------------------------------------------
 
+MAX_TEMPERATURE = 2.0
+
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 _stats: Counter = Counter()
@@ -99,6 +101,8 @@ class DecodeRequest:
     timestamps: bool = False
     prompt: Sequence[int] = ()  # previous text tokens, conditioning the decoder (<|startofprev|>)
     prefix: Sequence[int] = ()  # the output must start with these (timestamps included); decoding continues them
+    temperature: float = 0.0  # 0: greedy; above: sample from softmax(logits / temperature)
+    seed: int = 0  # for sampling: the same request, seed and temperature give the same output
     min_window_s: float = 0.0  # decode in a window at least this long (fallback from short windows)
 
 
@@ -115,6 +119,7 @@ class DecodeResult:
     window_s: float  # the encoder window it was decoded in
     prompt_tokens: int  # tokens before the first sampled one (previous text, start sequence, prefix)
     sampled_tokens: int  # tokens this call generated (end of text included when reached)
+    temperature: float
     segments: list[Segment]  # timestamp mode: the window's segments; else one segment
     seek_s: float  # timestamp mode: where the next window should start
 
@@ -171,6 +176,8 @@ class Engine:
         self.load_seconds = time.perf_counter() - started
 
         n_data = sharding.data_parallelism(self.mesh)
+        on_one_cpu = n_data == 1 and self.mesh.devices.flat[0].platform == "cpu"
+        self.encoder_rows = self.config.encoder_rows or (1 if on_one_cpu else None)
         self.batch_buckets = tuple(sorted({-(-b // n_data) * n_data for b in self.config.batch_buckets}))
         self.window_buckets = self.config.window_buckets
         self.prompt_buckets = self.config.prompt_buckets
@@ -181,7 +188,7 @@ class Engine:
         param_spec = jax.tree_util.tree_map(lambda _: sharding.replicated(self.mesh), self.params)
         self._jitted = jax.jit(
             self._run_bucket,
-            in_shardings=(param_spec,) + (batch_spec,) * 8,
+            in_shardings=(param_spec,) + (batch_spec,) * 10,
             out_shardings=batch_spec,
         )
 
@@ -218,16 +225,25 @@ class Engine:
             ((b,), jnp.bool_),  # timestamps
             ((b,), jnp.int32),  # max_new tokens
             ((b, 4), jnp.int32),  # history of a forced prefix: count, last, penultimate, last timestamp
+            ((b,), jnp.float32),  # temperature
+            ((b,), jnp.uint32),  # seed
         ]
 
     # -- the compiled function -------------------------------------------------------------------
-    def _run_bucket(self, params, audio, prompt, start, sot_index, language_index, timestamps, max_new, history):
+    def _run_bucket(self, params, audio, prompt, start, sot_index, language_index, timestamps, max_new, history,
+                    temperature, seed):
         model, ids, variables = self.model, self.ids, {"params": params}
         batch, prompt_len = prompt.shape
         rows = jnp.arange(batch)
 
-        mel = log_mel_spectrogram(audio, self.dims.n_mels)
-        audio_features = sharding.constrain_batch(model.apply(variables, mel, method=Whisper.encode), self.mesh)
+        def encode(rows):
+            return model.apply(variables, log_mel_spectrogram(rows, self.dims.n_mels), method=Whisper.encode)
+
+        if self.encoder_rows and self.encoder_rows < batch:
+            features = jax.lax.map(lambda row: encode(row[None])[0], audio, batch_size=self.encoder_rows)
+        else:
+            features = encode(audio)
+        audio_features = sharding.constrain_batch(features, self.mesh)
         cross = model.apply(variables, audio_features, method=Whisper.cross_kv)
 
         if ids.language_ids:  # multilingual: fill an empty language slot with the detected language
@@ -261,7 +277,7 @@ class Engine:
             return (s.step < self.max_steps) & ~jnp.all(s.done)
 
         def body(s: DecodeState):
-            token, s = greedy_step(s, timestamps, max_new, ids)
+            token, s = greedy_step(s, timestamps, max_new, ids, temperature, seed)
             hidden, cache = model.apply(variables, token[:, None], prompt_len + s.step - 1, start, s.cache, cross,
                                         method=Whisper.decode)
             return s._replace(logits=model.apply(variables, hidden[:, 0], method=Whisper.logits), cache=cache)
@@ -288,6 +304,8 @@ class Engine:
 
     def _prepare(self, request: DecodeRequest) -> _Prepared:
         window = self.window_for(request)
+        if not 0.0 <= request.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be between 0 and {MAX_TEMPERATURE}, not {request.temperature}")
         sot_sequence = self.tokenizer.sot_sequence(request.language, request.task)
         if not request.timestamps:
             sot_sequence.append(self.tokenizer.no_timestamps)
@@ -350,6 +368,8 @@ class Engine:
         timestamps = np.zeros((size,), bool)
         max_new = np.zeros((size,), np.int32)  # padding rows are finished from the start
         history = np.tile(np.array([0, -1, -1, -1], np.int32), (size, 1))
+        temperature = np.zeros((size,), np.float32)
+        seed = np.zeros((size,), np.uint32)
         prompt[:, -1] = self.ids.sot
         for row, p in enumerate(batch):
             audio[row, : len(p.request.audio)] = p.request.audio
@@ -362,10 +382,12 @@ class Engine:
             # Whisper's budget is per window, prefix included; the text context bounds it too
             max_new[row] = min(self.max_steps - len(p.prefix), self.dims.n_text_ctx - len(p.tokens))
             history[row] = History.of_prefix(p.prefix, self.ids.timestamp_begin)
+            temperature[row] = p.request.temperature
+            seed[row] = p.request.seed % 2**32
 
         executable = self._executable(bucket)
-        args = sharding.put_batch([audio, prompt, start, sot_index, language_index, timestamps, max_new, history],
-                                  self.mesh)
+        args = sharding.put_batch([audio, prompt, start, sot_index, language_index, timestamps, max_new, history,
+                                   temperature, seed], self.mesh)
         out = jax.device_get(executable(self.params, *args))
         return [self._result(p, out, row, int(max_new[row])) for row, p in enumerate(batch)]
 
@@ -395,6 +417,7 @@ class Engine:
             window_s=p.window_s,
             prompt_tokens=len(p.tokens),
             sampled_tokens=n_sampled,
+            temperature=p.request.temperature,
             segments=segments,
             seek_s=seek,
         )
@@ -419,6 +442,7 @@ class Engine:
             "batch_buckets": list(self.batch_buckets),
             "window_buckets": list(self.window_buckets),
             "prompt_buckets": list(self.prompt_buckets),
+            "encoder_rows": self.encoder_rows,
             "compiled_buckets": len(self._executables),
         }
 

@@ -65,8 +65,7 @@ class Window:
     prefix: list[int]
     start_s: float  # where the window starts in the utterance
     end_sample: int  # utterance sample index at which the window ends
-    fresh: bool = False  # decoded without the committed prefix, to find segment boundaries
-    min_window_s: float = 0.0  # encoder window to use at least
+    fresh: bool = False  # decoded afresh (no prompt, no prefix), to find segment boundaries
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -138,18 +137,17 @@ class Utterance:
         end = self._window_start + len(audio)
         self._decoded_until = max(self._decoded_until, end)
         prompt = self._prompt[-self.settings.max_prompt_tokens:] if self.settings.max_prompt_tokens else []
-        fresh = self._resegment_due(len(audio))
-        prefix = [] if fresh else list(self._committed)
-        # Whisper places timestamps reliably only in its full 30 s window (a shorter encoder
-        # window with a prompt often yields none), so the fresh decode uses the full window.
-        min_window = self.settings.max_window_s if fresh else 0.0
-        return Window(audio, prompt, prefix, self._window_start / SAMPLE_RATE, end, fresh, min_window)
+        if self._resegment_due(len(audio)):
+            # Without prompt: in an encoder window shorter than 30 s, a previous-text prompt
+            # often keeps Whisper from placing any timestamp (CTranslate2 does the same).
+            return Window(audio, [], [], self._window_start / SAMPLE_RATE, end, fresh=True)
+        return Window(audio, prompt, list(self._committed), self._window_start / SAMPLE_RATE, end)
 
     def _resegment_due(self, window_samples: int) -> bool:
         """A long window whose committed output has no segment boundary to trim at.
 
         Continuing a long committed prefix, Whisper often stops placing timestamps, so the
-        window is decoded once without the prefix: Whisper segments it afresh.
+        window is decoded once on its own: Whisper segments it afresh.
         """
         return (not self.finishing and window_samples > self.settings.trim_after_s * SAMPLE_RATE
                 and bool(self._text(self._committed)) and not self._boundaries(self._committed)

@@ -231,7 +231,7 @@ class RealtimeConnection:
                     continue
                 window = utterance.next_window()
                 request = DecodeRequest(window.audio, session.language, session.task, timestamps=True,
-                                        prompt=window.prompt, prefix=window.prefix, min_window_s=window.min_window_s)
+                                        prompt=window.prompt, prefix=window.prefix)
                 result = await self.service.batcher.submit(self.id, request)
                 delta = utterance.apply(window, result)
                 if delta:

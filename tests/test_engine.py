@@ -159,3 +159,19 @@ def test_prefix_continues_the_models_own_output(tiny_engine, english_clips, time
     assert [r.tokens for r in continued] == [r.tokens for r in full]
     assert [r.sampled_tokens for r in continued] == [len(r.tokens) - k + 1 for r, k in zip(full, cut)]
     assert all(r.prompt_tokens == f.prompt_tokens + k for r, f, k in zip(continued, full, cut))
+
+
+def test_sampling_is_seeded_and_temperature_zero_is_greedy(tiny_engine, english_clips):
+    clips = english_clips[8:12]
+    greedy = tiny_engine.decode([DecodeRequest(a) for a in clips])
+    zero = tiny_engine.decode([DecodeRequest(a, temperature=0.0, seed=7) for a in clips])
+    hot = [DecodeRequest(a, temperature=1.5, seed=i) for i, a in enumerate(clips)]
+    first, again = tiny_engine.decode(hot), tiny_engine.decode(hot)
+    other_seed = tiny_engine.decode([DecodeRequest(a, temperature=1.5, seed=100 + i) for i, a in enumerate(clips)])
+    assert [r.tokens for r in zero] == [r.tokens for r in greedy]
+    assert [r.tokens for r in first] == [r.tokens for r in again]  # same seed, same output
+    assert [r.tokens for r in first] != [r.tokens for r in greedy]  # 1.5 is far from greedy on 4 clips
+    assert [r.tokens for r in other_seed] != [r.tokens for r in first]
+    assert all(r.temperature == 1.5 for r in first)
+    with pytest.raises(ValueError, match="temperature"):
+        tiny_engine.decode([DecodeRequest(clips[0], temperature=-0.1)])
