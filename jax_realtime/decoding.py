@@ -7,7 +7,7 @@ The rules are those of openai-whisper and CTranslate2 (the reference for tokens 
   position;
 * with timestamps: no ``<|notimestamps|>``; the first token is a timestamp no later than
   ``max_initial_timestamp``; timestamps come in pairs except right before end of text; they never
-  decrease; and a timestamp is forced when the summed probability of all timestamp tokens beats
+  decrease, and after text they increase (CTranslate2 since PR #1174, openai-whisper); and a timestamp is forced when the summed probability of all timestamp tokens beats
   every single text token.
 
 Host-side helpers turn sampled ids back into segments.
@@ -126,9 +126,11 @@ def apply_filters(logits, history: History, timestamps, ids: DecodingIds):
     after_single = last_is_ts & ~penultimate_is_ts  # a pair is open: no ordinary text
     disable |= after_pair[:, None] & is_ts[None, :]
     disable |= after_single[:, None] & (vocab < ids.eot)[None, :]
-    # timestamps never decrease
+    # timestamps never decrease, and after text they increase (no zero-length segment); only
+    # the timestamp closing a segment may repeat the one that opened it
     ts = history.last_timestamp[:, None]
-    disable |= started[:, None] & (ts >= 0) & is_ts[None, :] & (vocab[None, :] < ts)
+    lowest = ts + jnp.where(after_single, 0, 1)[:, None]
+    disable |= started[:, None] & (ts >= 0) & is_ts[None, :] & (vocab[None, :] < lowest)
     logits = jnp.where(timestamps[:, None] & disable, neg, logits)
     # force a timestamp when all timestamps together are likelier than any text token
     check = timestamps & started & ~after_pair

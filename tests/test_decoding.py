@@ -101,7 +101,9 @@ def _reference_filters(row_logits, history, timestamps, ids=IDS):
             check = True
         stamps = [t for t in history if t >= tb]
         if stamps:
-            x[tb: stamps[-1]] = NEG  # never decrease
+            # never decrease; after text, increase (only a segment's closing timestamp may equal its opening)
+            after_single = last >= tb and not (history[-2] >= tb if len(history) >= 2 else True)
+            x[tb: stamps[-1] + (0 if after_single else 1)] = NEG
     if check:
         logprobs = x - _logsumexp(x)
         if _logsumexp(logprobs[tb:]) > np.max(logprobs[:tb]):
@@ -202,27 +204,32 @@ def test_timestamps_never_decrease():
     logits[0, :EOT] += 10.0  # keep text likelier so no timestamp is forced
     history = [TB, 5, 34, 34, 6]
     out = _filters(logits, 5, [history], [True])[0]
-    assert np.all(out[TB:34] == NEG)
-    # equal is allowed, as in CTranslate2's ApplyTimestampRules (forbids ids < the last one)
-    np.testing.assert_array_equal(out[34:], logits[0, 34:])
+    # after text a timestamp must be later than the last one (no zero-length segment), as in
+    # openai-whisper and CTranslate2 since PR #1174
+    assert np.all(out[TB:35] == NEG)
+    np.testing.assert_array_equal(out[35:], logits[0, 35:])
     np.testing.assert_array_equal(out[TEXT], logits[0, TEXT])
+    # directly after a single timestamp the closing one may equal it
+    out = _filters(logits, 3, [[TB, 5, 34]], [True])[0]
+    assert np.all(out[TB:34] == NEG)
+    np.testing.assert_array_equal(out[34:], logits[0, 34:])
 
 
 def test_forced_timestamp_when_their_sum_beats_every_text_token():
     history = [TB, 5]
     logits = np.full((1, 40), -5.0, np.float32)
     logits[0, 6] = 2.0  # best text token: e^2 = 7.4
-    logits[0, TB:] = 1.0  # ten timestamps: 10 e^1 = 27.2 together, each alone below e^2
+    logits[0, TB:] = 1.0  # nine allowed timestamps (after text, not <|0.00|> again): 9 e^1 = 24.5, each below e^2
     logits[0, 3] = 100.0  # suppressed: must not count as a text token
     out = _filters(logits, 2, [history], [True])[0]
-    assert np.all(out[:TB] == NEG)
-    np.testing.assert_array_equal(out[TB:], logits[0, TB:])
+    assert np.all(out[:TB + 1] == NEG)
+    np.testing.assert_array_equal(out[TB + 1:], logits[0, TB + 1:])
 
-    logits[0, TB:] = 0.0  # ten timestamps: 10 together, below the best text token's e^2.4 = 11
+    logits[0, TB:] = 0.0  # nine timestamps: 9 together, below the best text token's e^2.4 = 11
     logits[0, 6] = 2.4
     out = _filters(logits, 2, [history], [True])[0]
     assert out[6] == pytest.approx(2.4) and np.isfinite(out[EOT])
-    np.testing.assert_array_equal(out[TB:], logits[0, TB:])
+    np.testing.assert_array_equal(out[TB + 1:], logits[0, TB + 1:])
 
 
 def test_forced_timestamp_is_not_applied_after_a_pair_or_without_timestamp_mode():
