@@ -65,6 +65,7 @@ from realtime_client import (  # noqa: E402
     ServerProcess,
     StreamRecord,
     compilations,
+    default_model,
     join_clips,
     machine,
     read_health,
@@ -274,14 +275,14 @@ def main() -> int:
         with open(args.config, encoding="utf-8") as f:
             config_text = f.read()
         print(f"config: {os.path.abspath(args.config)}")
-        server = ServerProcess(args.config, log_path=args.server_log)
+        server = ServerProcess.serve(args.config, log_path=args.server_log)
         server.start()
         url = server.ws_url
         print(f"server: started on {url} in {server.startup_s:.1f} s, log {server.log_path}")
     results = []
     try:
         health = read_health(url)
-        model = args.model or (health.get("models") or [health["model"]])[0]
+        model = args.model or default_model(health)
         print(f"model: {model}; /health: {json.dumps({k: health.get(k) for k in ('buckets', 'compile', 'warmup_s')})}")
         if config_text:
             print("\n```toml\n" + config_text.strip() + "\n```")

@@ -50,6 +50,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 from realtime_client import (  # noqa: E402
     ServerProcess,
     compilations,
+    default_model,
     join_clips,
     machine,
     read_health,
@@ -126,13 +127,13 @@ def main() -> int:
     if args.url:
         url = ws_url_of(args.url)
     else:
-        server = ServerProcess(args.config, log_path=args.server_log).start()
+        server = ServerProcess.serve(args.config, log_path=args.server_log).start()
         url = server.ws_url
         print(f"server: started on {url} in {server.startup_s:.1f} s, log {server.log_path}")
     rows = []
     try:
         health = read_health(url)
-        model = args.model or (health.get("models") or [health["model"]])[0]
+        model = args.model or default_model(health)
         for pace in args.pace:
             speed = 1.0 if pace == "realtime" else args.fast_speed
             before = read_health(url)

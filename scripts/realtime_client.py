@@ -1,24 +1,29 @@
 """Client helpers for ``/v1/realtime``, shared by the benchmark, the streaming evaluation and the tests.
 
-* :func:`stream_audio` streams one array of audio over one socket, as one utterance, and records
-  what happened and when: ``session.update``, ``input_audio_buffer.commit``, 100 ms appends
-  (base64 PCM16 LE, 16 kHz), ``commit`` with ``final: true``, then reads until
-  ``transcription.done``.  Appends are sent either at real-time pace (chunk ``k`` at
-  ``t0 + k * chunk_s``, scheduled from ``t0`` so the pace does not drift), at a multiple of real
-  time (``speed``), or as fast as the socket takes them (``speed=0``).
-* :class:`ServerProcess` starts ``jax-realtime serve --config FILE --port <free port>`` in a
-  subprocess, waits for ``GET /health``, and kills it on exit (context manager, and ``atexit``).
-* :func:`read_health` reads ``GET /health`` (``compile`` = compilation counters, ``sessions``).
+* Audio: :func:`to_pcm16` (float32 in [-1, 1] -> PCM16 LE bytes, the inverse of the server's
+  decoding), :func:`chunk_pcm` (100 ms appends by default), :func:`b64`, :func:`join_clips`.
+* :class:`ServerProcess`: a server child process on a local port, ready once ``GET /health``
+  answers; :meth:`ServerProcess.serve` builds ``jax-realtime serve --config FILE --port <free>``,
+  the constructor takes any command (Hypercorn on ``create_app()``, say).  Output goes to a log
+  file (:meth:`~ServerProcess.log_tail`); :meth:`~ServerProcess.stop` sends SIGINT (graceful
+  shutdown), then kills.  A context manager, and stopped at interpreter exit.
+* :class:`RealtimeClient`: one connection, one event at a time (``update``, ``append``,
+  ``commit``, ``stream``, ``recv``, ``expect``, ``until_done``...), what the end-to-end tests use.
+* :func:`stream_audio`: one array of audio streamed as one utterance on a :class:`RealtimeClient`
+  (``session.update``, ``commit``, paced appends, ``commit`` with ``final: true``, read until
+  ``transcription.done``), with every send and receive time in a :class:`StreamRecord`.
+* :func:`read_health` / :func:`compilations` / :func:`default_model`: ``GET /health`` and what is
+  read from it; :func:`machine`: the CPU this runs on.
 
-Every time is ``time.perf_counter()`` of this process, in seconds; the record's fields are
-relative to nothing (subtract ``first_send``).  A receive time is taken when the client's event
-loop reads the frame, so a busy client process adds to every latency it measures: keep the
-client light (one process, no decoding) and look at ``send_slip`` (how late chunks went out
-compared with their schedule).
+Every time is ``time.perf_counter()`` of this process, in seconds; a record's fields are relative
+to nothing (subtract ``first_send``).  A receive time is taken when the client's event loop reads
+the frame, so a busy client process adds to every latency it measures: keep the client light (one
+process, no decoding) and look at ``send_slip`` (how late chunks went out compared with their
+schedule).
 
-Importable from scripts and tests::
+Importable from scripts and tests (``tests/conftest.py`` puts ``scripts/`` on ``sys.path``)::
 
-    sys.path.insert(0, "scripts"); from realtime_client import ServerProcess, stream_audio
+    from realtime_client import RealtimeClient, ServerProcess, stream_audio
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import base64
+import contextlib
 import dataclasses
 import json
 import os
@@ -36,12 +42,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
+from typing import Any, Callable, Iterable
 
 import numpy as np
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 SAMPLE_RATE = 16000
+BYTES_PER_SECOND = 2 * SAMPLE_RATE  # PCM16 mono
 CHUNK_S = 0.1  # 100 ms appends: 1600 samples, 3200 bytes of PCM16
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,8 +69,13 @@ def to_pcm16(audio: np.ndarray | bytes) -> bytes:
     return np.clip(scaled, -32768, 32767).astype("<i2").tobytes()
 
 
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
 def chunk_pcm(pcm: bytes, chunk_s: float = CHUNK_S) -> list[bytes]:
-    size = 2 * round(chunk_s * SAMPLE_RATE)
+    """Split PCM16 bytes into appends of ``chunk_s`` seconds (even byte counts)."""
+    size = max(2, 2 * round(chunk_s * SAMPLE_RATE))
     return [pcm[i:i + size] for i in range(0, len(pcm), size)]
 
 
@@ -84,7 +98,358 @@ def join_clips(refs: list[dict], clips: list[np.ndarray]) -> tuple[np.ndarray, l
     return audio, spans
 
 
-# -- one stream --------------------------------------------------------------------------------------
+# -- addresses and /health ---------------------------------------------------------------------------
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def http_url_of(url: str) -> str:
+    """``ws://host:port/v1/realtime`` or ``http://host:port`` -> ``http://host:port``."""
+    scheme, _, rest = url.partition("://")
+    host = rest.split("/", 1)[0]
+    return ("https" if scheme in ("wss", "https") else "http") + "://" + host
+
+
+def ws_url_of(url: str) -> str:
+    """``http://host:port`` or ``ws://host:port[/v1/realtime]`` -> ``ws://host:port/v1/realtime``."""
+    scheme, _, rest = url.partition("://")
+    host = rest.split("/", 1)[0]
+    return ("wss" if scheme in ("wss", "https") else "ws") + "://" + host + "/v1/realtime"
+
+
+def read_health(url: str, timeout: float = 10.0) -> dict:
+    """``GET /health`` of the server at ``url`` (http or ws form)."""
+    with urllib.request.urlopen(http_url_of(url) + "/health", timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def compilations(health: dict) -> int:
+    """The server's XLA compilations so far (``compile.compilations`` of /health)."""
+    return int(health.get("compile", {}).get("compilations", 0))
+
+
+def default_model(health: dict) -> str:
+    """A model name the server accepts: the first of /health's ``models``."""
+    return (health.get("models") or [health.get("model")])[0]
+
+
+# -- the server --------------------------------------------------------------------------------------
+
+def venv_script(name: str) -> str:
+    """A console script installed next to the running interpreter (the project's virtualenv), else on PATH."""
+    found = shutil.which(name, path=os.path.dirname(sys.executable)) or shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"console script {name!r} not found next to {sys.executable} nor on PATH")
+    return found
+
+
+class ServerError(RuntimeError):
+    """The server exited, or did not answer /health, while starting."""
+
+
+class ServerProcess:
+    """A server child process serving on ``host:port``, ready once ``GET /health`` answers.
+
+    ``argv`` is the whole command (it must bind ``port``); :meth:`serve` builds the usual one.
+    Use as a context manager (sync)::
+
+        with ServerProcess.serve("configs/cpu-tiny.toml") as server:
+            record = asyncio.run(stream_audio(server.ws_url, audio, server.model))
+
+    The command runs in the repository root (``cwd``) with ``env`` added to this process's
+    environment, in a session of its own; its output goes to ``log_path`` (a temporary file by
+    default).  It is stopped on :meth:`stop`, on exit of the ``with`` block and at interpreter exit.
+    """
+
+    def __init__(self, argv: list[str], port: int, *, name: str = "server", host: str = "127.0.0.1",
+                 env: dict | None = None, cwd: str | os.PathLike = ROOT, log_path: str | os.PathLike | None = None,
+                 startup_timeout: float = 900.0):
+        self.argv = [os.fspath(a) for a in argv]
+        self.port = port
+        self.name = name
+        self.host = host
+        self.env = env
+        self.cwd = cwd
+        self.log_path = None if log_path is None else os.fspath(log_path)
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+        self.startup_health: dict = {}  # /health as first answered
+        self.startup_s: float | None = None
+        self._log = None
+
+    @classmethod
+    def serve(cls, config: str | os.PathLike, *, port: int | None = None, host: str = "127.0.0.1",
+              extra_args: list[str] | None = None, **kwargs: Any) -> ServerProcess:
+        """``jax-realtime serve --config CONFIG --host HOST --port PORT`` (a free port by default);
+        not started yet.  ``kwargs`` go to the constructor."""
+        port = port or free_port(host)
+        argv = [venv_script("jax-realtime"), "serve", "--config", os.path.abspath(os.fspath(config)),
+                "--host", host, "--port", str(port), *(extra_args or [])]
+        return cls(argv, port, host=host, **kwargs)
+
+    # -- addresses
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.port}/v1/realtime"
+
+    @property
+    def model(self) -> str:
+        """A model name the server accepts (the first of /health's ``models``)."""
+        return default_model(self.startup_health)
+
+    @property
+    def baseline_compilations(self) -> int | None:
+        """Compilations when /health first answered (after warm-up)."""
+        return compilations(self.startup_health) if self.startup_health else None
+
+    # -- life cycle
+    def start(self) -> ServerProcess:
+        """Start the command and wait until /health answers (raises :class:`ServerError`)."""
+        if self.log_path is None:
+            fd, self.log_path = tempfile.mkstemp(prefix=f"jax-realtime-{self.name}-", suffix=".log")
+            os.close(fd)
+        self._log = open(self.log_path, "ab")
+        started = time.perf_counter()
+        self.proc = subprocess.Popen(self.argv, cwd=self.cwd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env={**os.environ, **(self.env or {})},
+                                     start_new_session=True)
+        atexit.register(self.stop)
+        deadline = started + self.startup_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise ServerError(f"{self.name} exited with {self.proc.returncode} while starting\n{self.log_tail()}")
+            try:
+                self.startup_health = self.health(timeout=5.0)
+                break
+            except (OSError, ValueError):  # not listening yet, or not ready
+                pass
+            if time.perf_counter() > deadline:
+                self.stop()
+                raise ServerError(f"{self.name} did not answer /health within {self.startup_timeout:.0f} s\n"
+                                  f"{self.log_tail()}")
+            time.sleep(0.5)
+        self.startup_s = time.perf_counter() - started
+        return self
+
+    def stop(self, timeout: float = 40.0, sig: int = signal.SIGINT) -> int | None:
+        """``sig`` (SIGINT: graceful shutdown; SIGTERM works too), then SIGKILL if the process has not
+        exited within ``timeout`` seconds; returns its exit status (None if never started).  Idempotent."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                self.proc.wait(10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.proc.returncode
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                text = f.read().splitlines()
+        except (OSError, TypeError):
+            return f"(no log at {self.log_path})"
+        return f"--- last {lines} lines of {self.log_path} ---\n" + "\n".join(text[-lines:])
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- /health now
+    def health(self, timeout: float = 10.0) -> dict:
+        return read_health(self.http_url, timeout)
+
+    async def ahealth(self) -> dict:
+        return await asyncio.to_thread(self.health)
+
+    async def wait_sessions(self, expected: int, timeout: float = 10.0) -> dict:
+        """Poll /health until ``sessions == expected``; returns the last health (asserts on timeout)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            health = await self.ahealth()
+            if health["sessions"] == expected or time.monotonic() > deadline:
+                assert health["sessions"] == expected, (health, self.log_tail(20))
+                return health
+            await asyncio.sleep(0.1)
+
+
+# -- one connection ----------------------------------------------------------------------------------
+
+class RealtimeClient:
+    """One ``/v1/realtime`` connection; events are dicts, read in order with :meth:`recv`."""
+
+    def __init__(self, ws: ClientConnection):
+        self.ws = ws
+        self.created: dict | None = None
+
+    @classmethod
+    async def connect(cls, url: str, *, expect_created: bool = True, open_timeout: float = 30.0,
+                      **kwargs: Any) -> RealtimeClient:
+        """Open the socket (``kwargs`` go to ``websockets``' ``connect``) and, unless told not to,
+        read ``session.created`` (kept in :attr:`created`)."""
+        options = {"close_timeout": 5, "max_size": None, **kwargs}
+        client = cls(await connect(url, open_timeout=open_timeout, **options))
+        if expect_created:
+            client.created = await client.expect("session.created")
+        return client
+
+    async def __aenter__(self) -> RealtimeClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.ws.close()
+
+    def abort(self) -> None:
+        """Drop the TCP connection without a closing handshake (a client that vanishes)."""
+        self.ws.transport.abort()
+
+    # -- sending
+    async def send(self, type_: str | None = None, /, **fields: Any) -> None:
+        event = dict(fields) if type_ is None else {"type": type_, **fields}
+        await self.ws.send(json.dumps(event))
+
+    async def send_raw(self, message: str | bytes) -> None:
+        await self.ws.send(message)
+
+    async def update(self, model: str = "tiny.en", *, wait: bool = True, **fields: Any) -> dict | None:
+        """``session.update``; with ``wait``, read and return ``session.updated``."""
+        await self.send("session.update", model=model, **fields)
+        return await self.expect("session.updated") if wait else None
+
+    async def append(self, pcm: bytes) -> None:
+        await self.send("input_audio_buffer.append", audio=b64(pcm))
+
+    async def commit(self, final: bool = False) -> None:
+        await self.send("input_audio_buffer.commit", final=final)
+
+    async def stream(self, pcm: bytes, chunk_s: float = CHUNK_S, interval: float = 0.0, *, wait_out: bool = True,
+                     stop: Callable[[], bool] | None = None,
+                     on_send: Callable[[float, float], None] | None = None) -> None:
+        """Append ``pcm`` in ``chunk_s`` pieces, piece ``k`` at ``t0 + k * interval`` (``chunk_s``:
+        real-time pace; sleeping to an absolute schedule, so late pieces are followed by catch-up
+        ones and the pace never drifts; 0: no pause, but still yields to the loop).
+
+        ``wait_out``: return at ``t0 + n * interval``, once the last piece's interval is over too
+        (a live source: all its audio has been spoken); false: right after the last append.
+        ``stop()`` is asked before each piece (true: send no more); ``on_send(due, sent)`` is called
+        after each (``perf_counter`` times; ``due`` is ``sent`` when unpaced)."""
+        t0 = time.perf_counter()
+        pieces = chunk_pcm(pcm, chunk_s)
+        for k, piece in enumerate(pieces):
+            due = t0 + k * interval
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if stop is not None and stop():
+                return
+            await self.append(piece)
+            sent = time.perf_counter()
+            if on_send is not None:
+                on_send(due if interval else sent, sent)
+            if not interval:
+                await asyncio.sleep(0)  # let a reader timestamp what arrived
+        delay = t0 + len(pieces) * interval - time.perf_counter()
+        if wait_out and delay > 0:
+            await asyncio.sleep(delay)
+
+    # -- receiving
+    async def recv(self, timeout: float | None = 60.0) -> dict:
+        message = await asyncio.wait_for(self.ws.recv(), timeout)
+        assert isinstance(message, str), f"server sent a binary frame: {message[:50]!r}"
+        return json.loads(message)
+
+    async def expect(self, type_: str, timeout: float = 60.0) -> dict:
+        event = await self.recv(timeout)
+        assert event.get("type") == type_, f"expected {type_}, got {event}"
+        return event
+
+    async def expect_error(self, code: str, message: str | None = None, timeout: float = 30.0) -> dict:
+        event = await self.expect("error", timeout)
+        assert set(event) == {"type", "error", "code"}, event
+        assert isinstance(event["error"], str), event
+        assert event["code"] == code, event
+        if message is not None:
+            assert event["error"] == message, event
+        return event
+
+    async def until_done(self, timeout: float = 120.0) -> tuple[list[str], dict]:
+        """Read ``transcription.delta`` events until ``transcription.done``; an ``error`` fails."""
+        deltas: list[str] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            event = await self.recv(max(0.1, deadline - time.monotonic()))
+            kind = event.get("type")
+            if kind == "transcription.delta":
+                assert isinstance(event["delta"], str), event
+                deltas.append(event["delta"])
+            elif kind == "transcription.done":
+                return deltas, event
+            else:
+                raise AssertionError(f"unexpected event while waiting for done: {event}")
+
+    async def transcribe(self, pcm: bytes, chunk_s: float = CHUNK_S, interval: float = 0.0,
+                         timeout: float = 120.0) -> tuple[list[str], dict]:
+        """One utterance (vLLM client order): commit, appends, final, then read to ``done``."""
+        await self.commit()
+        await self.stream(pcm, chunk_s, interval)
+        await self.commit(final=True)
+        return await self.until_done(timeout)
+
+    async def closed(self, timeout: float = 10.0) -> ConnectionClosed:
+        """Wait for the server to close the socket; returns the ConnectionClosed (its ``rcvd``
+        carries the close frame). Events still arriving are an error."""
+        try:
+            event = await asyncio.wait_for(self.ws.recv(), timeout)
+        except ConnectionClosed as exc:
+            return exc
+        raise AssertionError(f"expected the server to close, got {event!r}")
+
+
+def check_done(deltas: Iterable[str], done: dict) -> str:
+    """The invariants of every ``transcription.done``; returns its text."""
+    deltas = list(deltas)
+    assert list(done) == ["type", "text", "usage"], done
+    usage = done["usage"]
+    assert list(usage) == ["prompt_tokens", "total_tokens", "completion_tokens", "prompt_tokens_details"], usage
+    assert usage["prompt_tokens_details"] is None
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"], usage
+    assert done["text"] == "".join(deltas), (done["text"], deltas)
+    return done["text"]
+
+
+def run(coro, timeout: float = 300.0):
+    """Run a coroutine to completion in a fresh event loop, within ``timeout`` seconds."""
+
+    async def bounded():
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(bounded())
+
+
+# -- one timed stream --------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class StreamRecord:
@@ -93,7 +458,7 @@ class StreamRecord:
     session_id: str | None = None
     chunk_s: float = CHUNK_S
     audio_s: float = 0.0
-    connected: float | None = None  # socket open and session.created read
+    connected: float | None = None  # socket open
     chunk_sends: list[float] = dataclasses.field(default_factory=list)  # send time of chunk k (after send returned)
     chunk_schedule: list[float] = dataclasses.field(default_factory=list)  # when chunk k was due
     final_sent: float | None = None  # commit(final=true) sent
@@ -164,7 +529,11 @@ class StreamRecord:
 
 
 class StreamError(RuntimeError):
-    pass
+    """The stream could not start: the socket closed or the model was refused before ``session.updated``."""
+
+
+# errors that answer the session.update of stream_audio (it sends nothing else before session.updated)
+_UPDATE_REFUSALS = ("model_not_found", "invalid_event", "processing_error", "server_busy")
 
 
 async def stream_audio(
@@ -182,84 +551,72 @@ async def stream_audio(
 ) -> StreamRecord:
     """Stream ``audio`` (float32 in [-1, 1], int16, or PCM16 bytes; 16 kHz mono) as one utterance.
 
-    ``speed``: 1.0 real time (chunk ``k`` is sent at ``t0 + k * chunk_s / speed``; sleeping to an
-    absolute schedule, so late chunks are followed by catch-up ones and the pace never drifts),
-    0 as fast as possible.  After the last chunk, ``commit(final=true)`` (unless ``final`` is
-    false) and wait up to ``done_timeout`` s for ``transcription.done`` or a ``processing_error``
-    (which replaces ``done``).  Protocol errors are recorded, never raised; a failure to connect
-    or to validate the model raises :class:`StreamError`.
+    ``speed``: 1.0 real time (chunk ``k`` is sent at ``t0 + k * chunk_s / speed``, see
+    :meth:`RealtimeClient.stream`), 0 as fast as possible.  After the last chunk,
+    ``commit(final=true)`` (unless ``final`` is false) and wait up to ``done_timeout`` s for
+    ``transcription.done`` or a ``processing_error`` (which replaces ``done``).  Events are read by
+    a task of their own while chunks go out, so every arrival is timestamped as it comes.
+    Protocol errors are recorded, never raised; a failure to connect or to validate the model
+    raises :class:`StreamError` (or the connection's own exception).
     """
-    from websockets.asyncio.client import connect
-    from websockets.exceptions import ConnectionClosed
-
     pcm = to_pcm16(audio)
-    chunks = chunk_pcm(pcm, chunk_s)
-    record = StreamRecord(chunk_s=chunk_s, audio_s=len(pcm) / 2 / SAMPLE_RATE)
+    record = StreamRecord(chunk_s=chunk_s, audio_s=len(pcm) / BYTES_PER_SECOND)
     finished = asyncio.Event()
     validated: asyncio.Future = asyncio.get_running_loop().create_future()
 
-    async with connect(url, open_timeout=connect_timeout, ping_interval=None, max_size=None,
-                       additional_headers=headers, compression=None) as ws:
+    def on_event(event: dict, now: float) -> None:
+        kind = event.get("type")
+        if kind == "transcription.delta":
+            record.deltas.append((now, event.get("delta") or ""))
+        elif kind == "transcription.done":
+            record.done_text, record.done_time, record.usage = event.get("text"), now, event.get("usage")
+            finished.set()
+        elif kind == "session.created":
+            record.session_id = event.get("id")
+        elif kind == "session.updated":
+            if not validated.done():
+                validated.set_result(event)
+        elif kind == "error":
+            code = event.get("code")
+            record.errors.append({"time": now, "code": code, "error": event.get("error")})
+            if not validated.done() and code in _UPDATE_REFUSALS:
+                validated.set_exception(StreamError(f"{code}: {event.get('error')}"))
+            elif record.final_sent is not None and code == "processing_error":
+                finished.set()  # replaces transcription.done for this utterance
+
+    async with await RealtimeClient.connect(url, expect_created=False, open_timeout=connect_timeout,
+                                            ping_interval=None, compression=None,
+                                            additional_headers=headers) as client:
 
         async def receive() -> None:
             try:
-                async for message in ws:
-                    now = time.perf_counter()
-                    event = json.loads(message)
-                    kind = event.get("type")
-                    if kind == "transcription.delta":
-                        record.deltas.append((now, event.get("delta") or ""))
-                    elif kind == "transcription.done":
-                        record.done_text, record.done_time, record.usage = event.get("text"), now, event.get("usage")
-                        finished.set()
-                    elif kind == "session.created":
-                        record.session_id = event.get("id")
-                    elif kind == "session.updated":
-                        if not validated.done():
-                            validated.set_result(event)
-                    elif kind == "error":
-                        record.errors.append({"time": now, "code": event.get("code"), "error": event.get("error")})
-                        if not validated.done() and event.get("code") in ("model_not_found", "invalid_event",
-                                                                          "processing_error", "server_busy"):
-                            validated.set_exception(StreamError(f"{event.get('code')}: {event.get('error')}"))
-                        elif record.final_sent is not None and event.get("code") == "processing_error":
-                            finished.set()  # replaces transcription.done for this utterance
+                while True:
+                    event = await client.recv(timeout=None)
+                    on_event(event, time.perf_counter())
             except ConnectionClosed as exc:
                 record.closed = f"closed: {exc}"
-            finally:
-                if record.closed is None and not finished.is_set():
-                    record.closed = "closed by the server"
+            except (AssertionError, ValueError) as exc:  # a binary frame, or one that is not JSON
+                record.closed = f"unreadable frame: {exc}"
+            finally:  # the socket is gone (or the stream is over and this task cancelled)
                 if not validated.done():
                     validated.set_exception(StreamError(record.closed or "socket closed"))
                 finished.set()
 
+        def sent(due: float, at: float) -> None:
+            record.chunk_schedule.append(due)
+            record.chunk_sends.append(at)
+
         receiver = asyncio.create_task(receive())
         try:
             record.connected = time.perf_counter()
-            session = {"type": "session.update", "model": model}
-            if language:
-                session["language"] = language
-            await ws.send(json.dumps(session))
+            await client.update(model, wait=False, **({"language": language} if language else {}))
             await asyncio.wait_for(validated, connect_timeout)
-            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
-
-            interval = chunk_s / speed if speed > 0 else 0.0
-            t0 = time.perf_counter()
-            for k, chunk in enumerate(chunks):
-                due = t0 + k * interval
-                delay = due - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                if finished.is_set() and record.closed:
-                    break
-                await ws.send(json.dumps({"type": "input_audio_buffer.append",
-                                          "audio": base64.b64encode(chunk).decode("ascii")}))
-                record.chunk_sends.append(time.perf_counter())
-                record.chunk_schedule.append(due if interval else record.chunk_sends[-1])
-                if not interval:
-                    await asyncio.sleep(0)  # let the receiver timestamp what arrived
+            await client.commit()
+            # final goes right after the last append, as vLLM's client sends it
+            await client.stream(pcm, chunk_s, chunk_s / speed if speed > 0 else 0.0, wait_out=False,
+                                stop=lambda: record.closed is not None, on_send=sent)
             if final and record.closed is None:
-                await ws.send(json.dumps({"type": "input_audio_buffer.commit", "final": True}))
+                await client.commit(final=True)
                 record.final_sent = time.perf_counter()
                 try:
                     await asyncio.wait_for(finished.wait(), done_timeout)
@@ -274,151 +631,7 @@ async def stream_audio(
     return record
 
 
-# -- the server --------------------------------------------------------------------------------------
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def http_url_of(url: str) -> str:
-    """``ws://host:port/v1/realtime`` or ``http://host:port`` -> ``http://host:port``."""
-    scheme, _, rest = url.partition("://")
-    host = rest.split("/", 1)[0]
-    return ("https" if scheme in ("wss", "https") else "http") + "://" + host
-
-
-def ws_url_of(url: str) -> str:
-    """``http://host:port`` or ``ws://host:port[/v1/realtime]`` -> ``ws://host:port/v1/realtime``."""
-    scheme, _, rest = url.partition("://")
-    host = rest.split("/", 1)[0]
-    return ("wss" if scheme in ("wss", "https") else "ws") + "://" + host + "/v1/realtime"
-
-
-def read_health(url: str, timeout: float = 10.0) -> dict:
-    """``GET /health`` of the server at ``url`` (http or ws form)."""
-    with urllib.request.urlopen(http_url_of(url) + "/health", timeout=timeout) as response:
-        return json.loads(response.read())
-
-
-def compilations(health: dict) -> int:
-    return int(health.get("compile", {}).get("compilations", 0))
-
-
-def _serve_command() -> list[str]:
-    script = shutil.which("jax-realtime", path=os.path.dirname(sys.executable)) or shutil.which("jax-realtime")
-    if script:
-        return [script]
-    return [sys.executable, "-m", "server.cli"]
-
-
-class ServerProcess:
-    """``jax-realtime serve`` in a subprocess on a free port, ready once ``/health`` answers.
-
-    Use as a context manager (sync)::
-
-        with ServerProcess("configs/cpu-tiny.toml") as server:
-            record = asyncio.run(stream_audio(server.ws_url, audio, server.model))
-
-    The server's output goes to ``log_path`` (a temporary file by default; :meth:`log_tail`).
-    The process is terminated (SIGTERM, then SIGKILL) on ``stop()``, on exit of the ``with``
-    block and at interpreter exit.
-    """
-
-    def __init__(self, config: str | os.PathLike, *, port: int | None = None, host: str = "127.0.0.1",
-                 extra_args: list[str] | None = None, log_path: str | None = None,
-                 startup_timeout: float = 900.0, env: dict | None = None):
-        self.config = os.path.abspath(os.fspath(config))  # the server runs in the repository root
-        self.host = host
-        self.port = port or free_port(host)
-        self.extra_args = list(extra_args or [])
-        self.log_path = log_path
-        self.startup_timeout = startup_timeout
-        self.env = env
-        self.proc: subprocess.Popen | None = None
-        self.health: dict = {}
-        self.startup_s: float | None = None
-        self._log = None
-
-    @property
-    def http_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://{self.host}:{self.port}/v1/realtime"
-
-    @property
-    def model(self) -> str:
-        """A model name the server accepts (the first of /health's ``models``)."""
-        return (self.health.get("models") or [self.health.get("model")])[0]
-
-    def start(self) -> ServerProcess:
-        if self.log_path is None:
-            fd, self.log_path = tempfile.mkstemp(prefix="jax-realtime-serve-", suffix=".log")
-            os.close(fd)
-        self._log = open(self.log_path, "ab")
-        command = _serve_command() + ["serve", "--config", self.config, "--host", self.host,
-                                      "--port", str(self.port), *self.extra_args]
-        env = {**os.environ, **(self.env or {})}
-        started = time.perf_counter()
-        self.proc = subprocess.Popen(command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env)
-        atexit.register(self.stop)
-        deadline = started + self.startup_timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode} while starting:\n{self.log_tail()}")
-            try:
-                self.health = read_health(self.http_url, timeout=5.0)
-                break
-            except (urllib.error.URLError, ConnectionError, OSError, ValueError):
-                pass
-            if time.perf_counter() > deadline:
-                self.stop()
-                raise RuntimeError(f"the server did not answer /health within {self.startup_timeout} s:\n"
-                                   f"{self.log_tail()}")
-            time.sleep(0.5)
-        self.startup_s = time.perf_counter() - started
-        return self
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - chars))
-                return f.read().decode("utf-8", "replace")
-        except (OSError, TypeError):
-            return ""
-
-    def __enter__(self) -> ServerProcess:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def model_of(url: str) -> str:
-    """A model name the server at ``url`` accepts (from /health)."""
-    health = read_health(url)
-    return (health.get("models") or [health.get("model")])[0]
-
-
-# -- machine description --------------------------------------------------------------------------
+# -- machine description -----------------------------------------------------------------------------
 
 def machine() -> dict:
     """CPU model and core count of this machine (where the client, and a started server, run)."""
@@ -435,6 +648,5 @@ def machine() -> dict:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
-    info = {"cpu": cpu or "unknown", "cores": os.cpu_count(), "usable_cores": usable,
+    return {"cpu": cpu or "unknown", "cores": os.cpu_count(), "usable_cores": usable,
             "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
-    return info

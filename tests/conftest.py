@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
+
+# scripts/realtime_client.py (the /v1/realtime client the benchmarks use too) is imported by the tests
+# as `from realtime_client import ...`.
+sys.path.insert(0, str(ROOT / "scripts"))
 
 # Small bucket set for tests: compiles in seconds, still exercises batching, a short window with
 # its fallback to 30 s, and both prompt buckets.

@@ -14,39 +14,24 @@ boundaries disappear, previous text is the prompt), which flips single words eit
 bound here is 1.0 point or two words, whichever is larger (``MAX_EXTRA_WORDS``).  A policy bug
 (repeated or lost text) costs far more than two words and still fails.
 
-The client is ``scripts/realtime_client.py`` (loaded by path under its own module name:
-``tests/realtime_client.py`` is a different module with the same file name).
+The client is ``scripts/realtime_client.py`` (``tests/conftest.py`` puts ``scripts/`` on ``sys.path``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, TEST_BUCKETS, load_clip, load_refs
+from conftest import TEST_BUCKETS, load_clip, load_refs
+from realtime_client import SAMPLE_RATE, ServerProcess, compilations, stream_audio
 
 pytestmark = pytest.mark.slow
 
 MAX_WER_DIFF = 1.0  # points, as scripts/eval_realtime.py
 MAX_EXTRA_WORDS = 2  # ... or this many words on the ~70 words of the 8 clips (see the module docstring)
 REALTIME_SECONDS = 10.0  # the real-time case streams the longest clips, at least this much audio
-
-
-def _client():
-    name = "jax_realtime_scripts_realtime_client"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "realtime_client.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-rc = _client()
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +59,14 @@ def server(tmp_path_factory, offline_texts):
     config = tmp_path_factory.mktemp("realtime") / "test-buckets.toml"
     config.write_text("[engine]\nmodel = \"tiny.en\"\n"
                       + "".join(f"{key} = {toml_list(value)}\n" for key, value in TEST_BUCKETS.items()))
-    with rc.ServerProcess(config, log_path=str(config.with_suffix(".log"))) as process:
+    with ServerProcess.serve(config, log_path=config.with_suffix(".log")) as process:
         yield process
 
 
 def _stream(server, audio, speed):
-    before = rc.compilations(rc.read_health(server.http_url))
-    record = asyncio.run(rc.stream_audio(server.ws_url, audio, server.model, speed=speed, done_timeout=180.0))
-    compiled = rc.compilations(rc.read_health(server.http_url)) - before
+    before = compilations(server.health())
+    record = asyncio.run(stream_audio(server.ws_url, audio, server.model, speed=speed, done_timeout=180.0))
+    compiled = compilations(server.health()) - before
     assert record.closed is None, f"{record.closed}\n{server.log_tail()}"
     assert not record.errors, record.errors
     assert record.done_text is not None
@@ -112,7 +97,7 @@ def test_delta_arrives_before_final_at_real_time_pace(server, hifitts):
     picked, total = [], 0.0
     for clip in sorted(clips, key=len, reverse=True):  # the longest clips: fewer boundaries, more speech
         picked.append(clip)
-        total += len(clip) / rc.SAMPLE_RATE
+        total += len(clip) / SAMPLE_RATE
         if total >= REALTIME_SECONDS:
             break
     record = _stream(server, np.concatenate(picked), speed=1.0)

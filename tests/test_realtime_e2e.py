@@ -36,10 +36,10 @@ from realtime_client import (
     ServerProcess,
     b64,
     check_done,
-    chunks,
+    chunk_pcm,
     free_port,
-    pcm16,
     run,
+    to_pcm16,
     venv_script,
 )
 
@@ -67,7 +67,7 @@ EIGHT = [  # 8 different clips for the concurrency test
 @functools.cache
 def audio(clip_id: str) -> bytes:
     """The clip as PCM16 LE bytes, 16 kHz mono."""
-    return pcm16(load_clip(_REFS[clip_id]))
+    return to_pcm16(load_clip(_REFS[clip_id]))
 
 
 def ref_text(clip_id: str) -> str:
@@ -100,10 +100,8 @@ def write_config(path: Path, **server) -> Path:
 
 def start_serve(tmp: Path, name: str, **server) -> ServerProcess:
     config = write_config(tmp / f"{name}.toml", **server)
-    port = free_port()
-    argv = [venv_script("jax-realtime"), "serve", "--config", str(config), "--port", str(port)]
-    proc = ServerProcess(name, argv, port, tmp / f"{name}.log", cwd=ROOT)
-    proc.start(STARTUP_TIMEOUT)
+    proc = ServerProcess.serve(config, name=name, log_path=tmp / f"{name}.log", startup_timeout=STARTUP_TIMEOUT)
+    proc.start()
     _STARTED.append(proc)
     return proc
 
@@ -317,7 +315,7 @@ def test_errors_during_an_utterance_do_not_disturb_it(check_server):
     async def main():
         async with await session(check_server) as c:
             await c.commit()
-            pieces = chunks(audio(MEDIUM), 0.1)
+            pieces = chunk_pcm(audio(MEDIUM), 0.1)
             step = len(pieces) // (len(bad) + 1)
             for i, piece in enumerate(pieces):
                 await c.append(piece)
@@ -643,9 +641,9 @@ def test_hypercorn_entry_point(tmp_path):
     port = free_port()
     argv = [venv_script("hypercorn"), "-c", str(ROOT / "configs" / "hypercorn.toml"),
             "--bind", f"127.0.0.1:{port}", "server.app:create_app()"]
-    proc = ServerProcess("hypercorn", argv, port, tmp_path / "hypercorn.log",
-                         env={"JAX_REALTIME_CONFIG": str(config)}, cwd=ROOT)
-    proc.start(STARTUP_TIMEOUT)
+    proc = ServerProcess(argv, port, name="hypercorn", log_path=tmp_path / "hypercorn.log",
+                         env={"JAX_REALTIME_CONFIG": str(config)}, startup_timeout=STARTUP_TIMEOUT)
+    proc.start()
     try:
         health = proc.health()
         assert health["status"] == "ok" and "tiny.en" in health["models"], health
