@@ -44,7 +44,8 @@ def window_samples(window_s: float) -> int:
 
 
 def decode_audio(source: AudioSource, name: str | None = None) -> np.ndarray:
-    """Decode wav/flac/ogg/mp3 (anything libsndfile reads) to mono float32 at 16 kHz.
+    """Decode wav/flac/ogg/mp3 (anything libsndfile reads; m4a/mp4, webm and the rest of FFmpeg's
+    formats through PyAV) to mono float32 at 16 kHz.
 
     ``source`` is a path, the file's bytes, or a binary file object.  Stereo is mixed down by
     averaging the channels; other sample rates are resampled with soxr.  Raises
@@ -68,10 +69,17 @@ def decode_audio(source: AudioSource, name: str | None = None) -> np.ndarray:
         if len(source) == 0:
             raise AudioError(f"{name}: the file is empty")
         source = io.BytesIO(bytes(source))
+    start = source.tell() if hasattr(source, "seek") and hasattr(source, "tell") else None
     try:
         data, rate = sf.read(source, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise AudioError(f"{name}: cannot decode audio ({exc})") from exc
+        # not a container libsndfile knows (m4a/mp4/AAC, webm, ...): try FFmpeg's decoders
+        if start is not None:
+            source.seek(start)
+        decoded = _read_with_av(source)
+        if decoded is None:
+            raise AudioError(f"{name}: cannot decode audio ({exc})") from exc
+        data, rate = decoded
     except OSError as exc:
         raise AudioError(f"{name}: cannot read file ({exc.strerror or exc})") from exc
     if data.size == 0:
@@ -83,6 +91,40 @@ def decode_audio(source: AudioSource, name: str | None = None) -> np.ndarray:
     if not np.all(np.isfinite(mono)):
         raise AudioError(f"{name}: audio contains NaN or infinite samples")
     return mono
+
+
+def _read_with_av(source) -> tuple[np.ndarray, int] | None:
+    """The first audio stream of ``source`` as float32 ``[samples, channels]`` and its rate, decoded
+    with PyAV (FFmpeg); None when PyAV is missing or cannot read it."""
+    try:
+        import av
+    except ImportError:
+        return None
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    chunks: list[np.ndarray] = []
+    try:
+        with av.open(source, mode="r", metadata_errors="ignore") as container:
+            stream = next((s for s in container.streams if s.type == "audio"), None)
+            if stream is None:
+                return None
+            channels = stream.codec_context.channels or 1
+            rate = stream.codec_context.sample_rate or 0
+            # packed float32 at the stream's own layout and rate: channels are averaged and the
+            # rate converted below, exactly as for libsndfile's formats
+            resampler = av.AudioResampler(format="flt")
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1, out.layout.nb_channels))
+                    channels, rate = out.layout.nb_channels, out.sample_rate
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1, out.layout.nb_channels))
+    except (av.FFmpegError, ValueError, OSError, EOFError):
+        return None
+    if not rate:
+        return None
+    data = np.concatenate(chunks) if chunks else np.zeros((0, channels), np.float32)
+    return data.astype(np.float32, copy=False), int(rate)
 
 
 def pcm16_to_float32(data: bytes) -> np.ndarray:

@@ -20,6 +20,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import time
+from typing import Callable
 
 from .engine import DecodeRequest, DecodeResult, Engine
 
@@ -57,9 +58,13 @@ class BatchStats:
 
 
 class Batcher:
-    def __init__(self, engine: Engine, max_pending: int = 1024):
+    def __init__(self, engine: Engine, max_pending: int = 1024,
+                 on_batch: Callable[[int, int, float], None] | None = None):
+        """``on_batch(requests, rows, seconds)`` is called after every engine step (the service's
+        metrics): requests decoded, rows of the compiled batch bucket, the step's wall time."""
         self.engine = engine
         self.max_pending = max_pending
+        self.on_batch = on_batch
         self.stats = BatchStats()
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
@@ -136,6 +141,11 @@ class Batcher:
         s.busy_seconds += elapsed
         s.last_step_seconds = elapsed
         s.step_seconds.append(elapsed)
+        if self.on_batch is not None:
+            try:
+                self.on_batch(size, bucket, elapsed)
+            except Exception:  # an observer must never stop the scheduling loop
+                log.exception("on_batch hook failed")
 
     async def close(self) -> None:
         """Stop the loop; waiting requests fail with ``CancelledError``."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -135,8 +136,38 @@ class StreamConfig(BaseModel):
         return self
 
 
+API_KEY_ENV = "JAX_REALTIME_API_KEY"
+
+
+def _check_api_key(key: str, where: str) -> str:
+    """A key a client can send as ``Authorization: Bearer <key>``: visible ASCII, no spaces."""
+    if not key:
+        raise ValueError(f"{where}: an API key must not be empty")
+    if not all(0x21 <= ord(c) <= 0x7E for c in key):
+        raise ValueError(f"{where}: an API key may only hold visible ASCII characters (no spaces)")
+    return key
+
+
+def read_api_key_file(path: str | os.PathLike) -> tuple[str, ...]:
+    """The keys of a key file: one per line; blank lines and lines starting with ``#`` are skipped.
+
+    Raises ``ValueError`` naming the file when it cannot be read or holds no key."""
+    where = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise ValueError(f"api_key_file {where}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"api_key_file {where}: not UTF-8 text") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not keys:
+        raise ValueError(f"api_key_file {where}: holds no key")
+    return tuple(_check_api_key(k, f"api_key_file {where}, key {i + 1}") for i, k in enumerate(keys))
+
+
 class ServerConfig(BaseModel):
-    """The service's limits and names (``[server]`` table)."""
+    """The service's limits, names and API keys (``[server]`` table)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -147,6 +178,45 @@ class ServerConfig(BaseModel):
     max_buffer_s: float = Field(120.0, gt=0, description="audio a session may have queued, not yet decoded")
     idle_timeout_s: float = Field(300.0, gt=0)
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # API keys: with any configured (here, in api_key_file or in $JAX_REALTIME_API_KEY), every /v1/
+    # route (REST and the WebSocket handshake) needs ``Authorization: Bearer <one of them>``.
+    api_keys: tuple[str, ...] = ()
+    api_key_file: str | None = None
+    # REST: the largest request body accepted (the uploaded file plus the form), in MiB, and the time
+    # a request may take, from its arrival to the last byte of the answer (upload included).
+    max_upload_mb: float = Field(25.0, gt=0, le=4096)
+    request_timeout_s: float = Field(600.0, gt=0)
+    # On SIGTERM/SIGINT: how long running utterances and requests get to finish before the sockets
+    # close (keep it below Hypercorn's graceful_timeout when running under the hypercorn command).
+    drain_timeout_s: float = Field(25.0, ge=0)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_check_api_key(k, f"key {i + 1}") for i, k in enumerate(value))
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _key_file(cls, value: str | None) -> str | None:
+        if value is not None:
+            read_api_key_file(value)  # fail at load time, naming the file
+        return value
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    def effective_api_keys(self, environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+        """Every accepted key: ``api_keys``, the key file's, and ``$JAX_REALTIME_API_KEY``'s (one key,
+        or several separated by commas).  Empty: no authentication."""
+        environ = os.environ if environ is None else environ
+        keys = list(self.api_keys)
+        if self.api_key_file is not None:
+            keys += read_api_key_file(self.api_key_file)
+        env = environ.get(API_KEY_ENV, "")
+        if env.strip():
+            keys += [_check_api_key(k.strip(), f"${API_KEY_ENV}") for k in env.split(",") if k.strip()]
+        return tuple(dict.fromkeys(keys))
 
 
 class ConfigError(ValueError):
@@ -195,5 +265,7 @@ def load_config(path: str | os.PathLike | None = None, *, server: dict | None = 
         problems = []
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"])
-            problems.append(f"{key}: {err['msg']}" + (f" (got {err['input']!r})" if "input" in err and err["type"] != "missing" else ""))
+            secret = any("key" in str(part) for part in err["loc"])  # never echo a key (or a typo of one) into a log
+            shown = "input" in err and err["type"] != "missing" and not secret
+            problems.append(f"{key}: {err['msg']}" + (f" (got {err['input']!r})" if shown else ""))
         raise ConfigError(f"{where}: " + "; ".join(problems)) from None

@@ -6,6 +6,7 @@ One writer per format, shared by the batch script and the REST API so both say t
 from __future__ import annotations
 
 import json
+import math
 
 from .tokenizer import LANGUAGES
 from .transcribe import Transcript
@@ -39,8 +40,13 @@ def to_vtt(t: Transcript) -> str:
     return "WEBVTT\n\n" + "\n".join(cues)
 
 
+def usage(t: Transcript) -> dict:
+    """OpenAI's usage block of an audio-billed answer: the audio's duration in whole seconds, rounded up."""
+    return {"type": "duration", "seconds": math.ceil(round(t.duration, 6))}
+
+
 def verbose(t: Transcript, task: str = "transcribe") -> dict:
-    """OpenAI's ``verbose_json`` body."""
+    """OpenAI's ``verbose_json`` body (``words`` is null: no word-level timestamps)."""
     return {
         "task": task,
         "language": LANGUAGES.get(t.language, t.language),
@@ -55,6 +61,7 @@ def verbose(t: Transcript, task: str = "transcribe") -> dict:
             for s in t.segments
         ],
         "words": None,
+        "usage": usage(t),
     }
 
 
@@ -67,7 +74,7 @@ def render(t: Transcript, fmt: str, task: str = "transcribe") -> str:
     if fmt == "vtt":
         return to_vtt(t)
     if fmt == "json":
-        return json.dumps({"text": t.text}, ensure_ascii=False)
+        return json.dumps({"text": t.text, "usage": usage(t)}, ensure_ascii=False)
     if fmt == "verbose_json":
         return json.dumps(verbose(t, task), ensure_ascii=False)
     raise ValueError(f"unknown format '{fmt}' (one of {', '.join(FORMATS)})")

@@ -138,6 +138,12 @@ def default_model(health: dict) -> str:
 
 # -- the server --------------------------------------------------------------------------------------
 
+def _server_environ() -> dict:
+    """This process's environment minus settings that would change the server under test (an API key
+    the developer happens to have set would turn every request into a 401)."""
+    return {k: v for k, v in os.environ.items() if k not in ("JAX_REALTIME_API_KEY", "JAX_REALTIME_CONFIG")}
+
+
 def venv_script(name: str) -> str:
     """A console script installed next to the running interpreter (the project's virtualenv), else on PATH."""
     found = shutil.which(name, path=os.path.dirname(sys.executable)) or shutil.which(name)
@@ -218,7 +224,7 @@ class ServerProcess:
         self._log = open(self.log_path, "ab")
         started = time.perf_counter()
         self.proc = subprocess.Popen(self.argv, cwd=self.cwd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env={**os.environ, **(self.env or {})},
+                                     stdin=subprocess.DEVNULL, env={**_server_environ(), **(self.env or {})},
                                      start_new_session=True)
         atexit.register(self.stop)
         deadline = started + self.startup_timeout

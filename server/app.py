@@ -1,7 +1,10 @@
 """The Quart application: ``create_app()`` builds it; Hypercorn serves it.
 
 Start-up (``before_serving``) loads the model and compiles every shape bucket before Hypercorn
-accepts the first connection, then starts the batcher as a background task.  Two ways to run it:
+accepts the first connection, then starts the batcher as a background task.  ``create_app`` also
+installs the API-key check (``auth.py``), OpenAI-style error bodies (``errors.py``), the REST
+upload cap and timeouts (``[server]`` max_upload_mb, request_timeout_s) and the metrics registry
+(``metrics.py``).  Two ways to run it:
 
     jax-realtime serve --config configs/cpu-tiny.toml
     JAX_REALTIME_CONFIG=configs/cpu-tiny.toml hypercorn -c configs/hypercorn.toml 'server.app:create_app()'
@@ -13,13 +16,18 @@ import asyncio
 import dataclasses
 import logging
 import os
+import signal
 import time
 
 from quart import Quart
+from quart.wrappers.request import Body, Request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from jax_realtime.batcher import Batcher
-from jax_realtime.config import ServiceConfig, load_config
+from jax_realtime.config import ConfigError, ServiceConfig, load_config
 from jax_realtime.engine import Engine, compile_stats
+
+from .metrics import Metrics
 
 log = logging.getLogger("jax_realtime.server")
 
@@ -36,10 +44,30 @@ class Service:
     model_names: tuple[str, ...]
     started: float
     warmup_seconds: float
+    metrics: Metrics = dataclasses.field(default_factory=Metrics)
     sessions: set = dataclasses.field(default_factory=set)
+    requests_in_flight: int = 0  # REST transcriptions being decoded
+    draining: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # set on SIGTERM/SIGINT
+    stopped: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # set once drained
 
     def serves(self, model: str) -> bool:
         return model in self.model_names
+
+    async def drain(self) -> None:
+        """Stop taking new work, let running utterances and REST requests finish (each utterance
+        sends its ``transcription.done``; sessions then close with 1001), for at most
+        ``[server] drain_timeout_s``."""
+        if self.draining.is_set():
+            return
+        self.draining.set()
+        log.info("draining: %d sessions, %d requests in flight", len(self.sessions), self.requests_in_flight)
+        for session in list(self.sessions):
+            session.drain()
+        deadline = time.monotonic() + self.config.server.drain_timeout_s
+        while (self.sessions or self.requests_in_flight) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        log.info("drained: %d sessions and %d requests left", len(self.sessions), self.requests_in_flight)
+        self.stopped.set()
 
 
 def model_names(config: ServiceConfig, engine: Engine) -> tuple[str, ...]:
@@ -51,17 +79,59 @@ def model_names(config: ServiceConfig, engine: Engine) -> tuple[str, ...]:
     return tuple(dict.fromkeys([engine.name, base, f"whisper-{base}", f"openai/whisper-{base}"]))
 
 
+class _CappedBody(Body):
+    """Quart's request body, with ``MAX_CONTENT_LENGTH`` enforced on the total received.
+
+    Quart checks a declared Content-Length against the cap, but for a chunked upload it only
+    checks what is buffered and not yet consumed, which the multipart parser keeps draining: a
+    chunked upload of any size got through.  Here every byte received counts (a test sends one)."""
+
+    def __init__(self, expected_content_length: int | None, max_content_length: int | None) -> None:
+        super().__init__(expected_content_length, max_content_length)
+        self._received = 0
+
+    def append(self, data: bytes) -> None:
+        if data and self._must_raise is None and self._max_content_length is not None:
+            self._received += len(data)
+            if self._received > self._max_content_length:
+                self._must_raise = RequestEntityTooLarge()
+                self.set_complete()
+                return
+        super().append(data)
+
+
+class _Request(Request):
+    body_class = _CappedBody
+
+
 def create_app(config: ServiceConfig | str | os.PathLike | None = None) -> Quart:
     """The app; ``config`` is a ServiceConfig, a TOML path, or None (``$JAX_REALTIME_CONFIG`` or defaults)."""
     if not isinstance(config, ServiceConfig):
         config = load_config(config if config is not None else os.environ.get(CONFIG_ENV) or None)
+    if not logging.getLogger().handlers:  # under the hypercorn command nobody else sets logging up
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from .auth import KeyChecker, install_auth
+    from .errors import install_error_handlers
     from .realtime import realtime
     from .rest import rest
 
+    try:
+        keys = config.server.effective_api_keys()
+    except ValueError as exc:  # a bad $JAX_REALTIME_API_KEY, or a key file gone since the config was read
+        raise ConfigError(str(exc)) from None
+    limits = config.server
+    metrics = Metrics()
+
     app = Quart(__name__)
+    app.request_class = _Request
     app.config["SERVICE_CONFIG"] = config
-    app.config["MAX_CONTENT_LENGTH"] = None
+    app.config["MAX_CONTENT_LENGTH"] = limits.max_upload_bytes  # REST bodies; over it: 400 (errors.py)
+    app.config["BODY_TIMEOUT"] = limits.request_timeout_s  # an upload slower than this: 408
+    app.config["RESPONSE_TIMEOUT"] = limits.request_timeout_s + 30  # a backstop: routes keep their own deadline
+    app.extensions["jax_realtime_metrics"] = metrics
+    install_error_handlers(app)
+    install_auth(app, KeyChecker(keys))
     app.register_blueprint(realtime)
     app.register_blueprint(rest)
 
@@ -70,14 +140,16 @@ def create_app(config: ServiceConfig | str | os.PathLike | None = None) -> Quart
         started = time.perf_counter()
         engine = await asyncio.to_thread(Engine, config.engine)
         warmup = await asyncio.to_thread(engine.warmup)
-        batcher = Batcher(engine)
-        service = Service(config, engine, batcher, model_names(config, engine), time.time(), warmup)
+        batcher = Batcher(engine, on_batch=metrics.observe_batch)
+        service = Service(config, engine, batcher, model_names(config, engine), time.time(), warmup, metrics)
+        metrics.attach(service)
         app.extensions["jax_realtime"] = service
         app.add_background_task(_run_batcher, app, batcher)
+        _drain_on_signals(service)
         log.info(
-            "serving %s as %s: %d buckets compiled in %.1f s (%.1f s with loading), %s",
+            "serving %s as %s: %d buckets compiled in %.1f s (%.1f s with loading), %s; API keys: %s",
             engine.name, ", ".join(service.model_names), len(engine.buckets), warmup,
-            time.perf_counter() - started, compile_stats(),
+            time.perf_counter() - started, compile_stats(), f"{len(keys)} configured" if keys else "none (open)",
         )
 
     return app
@@ -91,6 +163,31 @@ async def _run_batcher(app: Quart, batcher: Batcher) -> None:
     await batcher.close()
     stop.cancel()
     await asyncio.gather(loop_task, return_exceptions=True)
+
+
+def _drain_on_signals(service: Service) -> None:
+    """SIGTERM/SIGINT drain the service first, then do what they did before.
+
+    Under the ``hypercorn`` command that is Hypercorn's own handler (stop accepting, wait for the
+    graceful timeout, shut down), which is chained after the drain; under ``jax-realtime serve``
+    there is none, and its shutdown trigger waits for ``service.stopped`` instead.  asyncio keeps
+    a loop's signal handlers in ``_signal_handlers``: reading it is the only way to chain them.
+    """
+    loop = asyncio.get_running_loop()
+    registered = getattr(loop, "_signal_handlers", None)
+    if registered is None:  # not a Unix selector loop: leave signals alone
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = registered.get(sig)
+
+        def on_signal(previous=previous) -> None:
+            async def drain_then_continue() -> None:
+                await service.drain()
+                if previous is not None and not previous.cancelled():
+                    previous._run()  # noqa: SLF001 - the handler the server installed
+            asyncio.ensure_future(drain_then_continue())
+
+        loop.add_signal_handler(sig, on_signal)
 
 
 def service_of(app: Quart) -> Service:

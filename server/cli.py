@@ -16,14 +16,24 @@ def cmd_serve(args) -> int:
     from hypercorn.asyncio import serve
     from hypercorn.config import Config as HypercornConfig
 
-    config = config_from_args(args, host=args.host, port=args.port)
+    config = config_from_args(
+        args, host=args.host, port=args.port, api_keys=tuple(args.api_key) if args.api_key else None,
+        api_key_file=args.api_key_file, max_upload_mb=args.max_upload_mb, request_timeout_s=args.request_timeout,
+    )
     hypercorn = HypercornConfig.from_toml(args.hypercorn_config) if args.hypercorn_config else HypercornConfig()
     hypercorn.bind = [f"{config.server.host}:{config.server.port}"]
     if not args.hypercorn_config:
         hypercorn.startup_timeout = 3600  # the first start compiles every bucket
-        hypercorn.graceful_timeout = 30
+        hypercorn.graceful_timeout = config.server.drain_timeout_s + 5
         hypercorn.accesslog = "-"
-    asyncio.run(serve(create_app(config), hypercorn))
+    app = create_app(config)
+
+    async def drained() -> None:  # SIGTERM/SIGINT drain the service first (see server/app.py)
+        from .app import service_of
+
+        await service_of(app).stopped.wait()
+
+    asyncio.run(serve(app, hypercorn, shutdown_trigger=drained))
     return 0
 
 
@@ -33,6 +43,14 @@ def add_serve(sub) -> None:
     s.add_argument("--host", help="address to bind (default 127.0.0.1, or the config's [server] host)")
     s.add_argument("--port", type=int, help="port (default 8000, or the config's [server] port)")
     s.add_argument("--hypercorn-config", help="a Hypercorn TOML config (e.g. configs/hypercorn.toml)")
+    s.add_argument("--api-key", action="append", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/ (REST and the WebSocket handshake); "
+                        "repeat for several keys; replaces [server] api_keys. Visible in the process list: "
+                        "prefer --api-key-file or $JAX_REALTIME_API_KEY")
+    s.add_argument("--api-key-file", metavar="PATH", help="a file of API keys, one per line (# comments)")
+    s.add_argument("--max-upload-mb", type=float, help="largest REST request body in MiB (default 25)")
+    s.add_argument("--request-timeout", type=float, metavar="SECONDS",
+                   help="longest a REST request may take, upload included (default 600)")
     s.set_defaults(func=cmd_serve, log_info=True)
 
 

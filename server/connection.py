@@ -67,6 +67,11 @@ class RealtimeConnection:
         self._final_latencies: list[float] = []
         self._first_delta_latencies: list[float] = []
         self._finish_requested = 0.0
+        self._last_audio = time.monotonic()  # arrival of the newest append (delta latency)
+        self.draining = False  # the service is stopping (see drain())
+        self._refused_audio = False
+        self._closing = asyncio.Event()  # set once the session should close: its work is done
+        self.metrics = service.metrics
 
     # -- sending ----------------------------------------------------------------------------------
     def send(self, event) -> None:
@@ -79,12 +84,16 @@ class RealtimeConnection:
     # -- life cycle -------------------------------------------------------------------------------
     async def serve(self) -> None:
         limits = self.service.config.server
-        if len(self.service.sessions) >= limits.max_sessions:
+        if self.service.draining.is_set() or len(self.service.sessions) >= limits.max_sessions:
+            self.metrics.sessions_refused.inc()
+            stopping = self.service.draining.is_set()
             await self.ws.accept()
-            await self.ws.send(p.dump(p.error_event(p.SERVER_BUSY)))
-            await self.ws.close(CLOSE_TRY_AGAIN_LATER, "server busy")
+            await self.ws.send(p.dump(p.error_event(p.SERVER_SHUTDOWN if stopping else p.SERVER_BUSY)))
+            await self.ws.close(*((CLOSE_GOING_AWAY, "server shutting down") if stopping
+                                  else (CLOSE_TRY_AGAIN_LATER, "server busy")))
             return
         self.service.sessions.add(self)
+        self.metrics.sessions_opened.inc()
         sender = asyncio.create_task(self._sender())
         close = None
         try:
@@ -109,10 +118,12 @@ class RealtimeConnection:
             # while an utterance is finishing the client rightly waits for its done: no idle timeout
             timeout = None if self.state is State.FINISHING else idle_timeout
             try:
-                message = await asyncio.wait_for(self.ws.receive(), timeout)
+                message = await self._next_message(timeout)
             except TimeoutError:
                 self.send(p.error_event(p.IDLE_TIMEOUT))
                 return CLOSE_NORMAL, "idle timeout"
+            if message is None:
+                return CLOSE_GOING_AWAY, "server shutting down"
             if isinstance(message, bytes):
                 self.send(p.error_event(p.INVALID_FRAME))
                 continue
@@ -122,6 +133,43 @@ class RealtimeConnection:
                 if exc.event_type == "input_audio_buffer.commit" and self.state is State.UNVALIDATED:
                     exc = p.ProtocolError(p.MODEL_NOT_VALIDATED)  # vLLM checks the session before the fields
                 self.send(exc.to_event())
+
+    async def _next_message(self, timeout: float | None) -> str | bytes | None:
+        """The next client message, or None once the session is closing (``drain``).
+
+        ``asyncio.timeout``/``asyncio.wait``, not ``wait_for``: on Python 3.11 ``wait_for`` can
+        swallow the handler's cancellation (the client's disconnect) when a message arrives at the
+        same moment, leaving the session open until the idle timeout.
+        """
+        receive = asyncio.ensure_future(self.ws.receive())
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.wait({receive, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (receive, closing):
+                if not task.done():
+                    task.cancel()
+        return receive.result() if receive.done() and not receive.cancelled() else None
+
+    def drain(self) -> None:
+        """The service is stopping: finish the running utterance (the client gets its
+        ``transcription.done``), report audio that will not be transcribed, then close (1001)."""
+        if self.draining:
+            return
+        self.draining = True
+        if self._queued:
+            seconds = sum(len(a) for a in self._queued) / SAMPLE_RATE
+            self._queued = []
+            self.send(p.error_event(p.SERVER_SHUTDOWN,
+                                    f"Server shutting down: {seconds:.2f} s of uncommitted audio was not transcribed."))
+        if self.state is State.STREAMING:
+            self.state = State.FINISHING
+            self._finish_requested = time.monotonic()
+            self._utterance.finish()
+            self._audio_arrived.set()
+        if self._utterance_task is None:
+            self._closing.set()  # else the utterance's task sets it when its done is sent
 
     def _close_utterance(self) -> None:
         """Disconnect: free buffers and cancel pending work in the batcher at once."""
@@ -174,11 +222,18 @@ class RealtimeConnection:
         limits = self.service.config.server
         pcm = p.decode_audio_payload(event.audio, limits.max_message_bytes)
         samples = pcm16_to_float32(pcm)
+        if self.draining:  # said once; later appends are dropped without another event
+            if not self._refused_audio:
+                self._refused_audio = True
+                raise p.ProtocolError(p.SERVER_SHUTDOWN)
+            return
         if self.state is State.FINISHING and not self.service.config.stream.keep_audio_after_final:
             return  # vLLM drops audio sent after final:true until the utterance is done
         if self._buffered_samples() + len(samples) > limits.max_buffer_s * SAMPLE_RATE:
             raise p.ProtocolError(p.BUFFER_FULL)
         self._audio_s += len(samples) / SAMPLE_RATE
+        self._last_audio = time.monotonic()
+        self.metrics.audio_seconds.labels("realtime").inc(len(samples) / SAMPLE_RATE)
         if self.state is State.STREAMING:
             self._utterance.add_audio(samples)
             self._audio_arrived.set()
@@ -192,6 +247,8 @@ class RealtimeConnection:
     def _commit(self, event: p.InputAudioBufferCommit) -> None:
         if self.state is State.UNVALIDATED:
             raise p.ProtocolError(p.MODEL_NOT_VALIDATED)
+        if self.draining and self.state is State.IDLE:
+            raise p.ProtocolError(p.SERVER_SHUTDOWN)
         if self.state is State.IDLE:
             if event.final and not self._queued:
                 return  # nothing running and nothing to transcribe: ignore, the session stays usable
@@ -232,22 +289,35 @@ class RealtimeConnection:
                 window = utterance.next_window()
                 request = DecodeRequest(window.audio, session.language, session.task, timestamps=True,
                                         prompt=window.prompt, prefix=window.prefix)
+                newest_audio = self._last_audio  # the window holds everything appended until now
                 result = await self.service.batcher.submit(self.id, request)
                 delta = utterance.apply(window, result)
                 if delta:
+                    now = time.monotonic()
                     if first_delta:
-                        self._first_delta_latencies.append(time.monotonic() - started)
+                        self._first_delta_latencies.append(now - started)
+                        self.metrics.first_delta.observe(now - started)
                         first_delta = False
+                    self.metrics.delta_latency.observe(now - newest_audio)
                     self.send(p.TranscriptionDelta(delta=delta))
             usage = p.Usage.from_counts(utterance.last_prompt_tokens, len(utterance.tokens))
             self.send(p.TranscriptionDone(text=utterance.text, usage=usage))
-            self._final_latencies.append(time.monotonic() - self._finish_requested)
+            final_latency = time.monotonic() - self._finish_requested
+            self._final_latencies.append(final_latency)
+            self.metrics.final_latency.observe(final_latency)
+            self.metrics.utterances.labels("done").inc()
         except (Busy, EngineError, ValueError) as exc:  # the engine could not take or decode it
             log.warning("session %s: utterance failed: %s", self.id, exc)
             self.send(p.error_event(p.PROCESSING_ERROR, str(exc)))
+            self.metrics.utterances.labels("failed").inc()
+        except asyncio.CancelledError:  # the client went away
+            self.metrics.utterances.labels("cancelled").inc()
+            raise
         finally:
             if self._utterance is utterance:
                 self._utterance = None
                 self._utterance_task = None
                 if self.state in (State.STREAMING, State.FINISHING):
                     self.state = State.IDLE
+            if self.draining:
+                self._closing.set()

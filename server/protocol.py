@@ -36,6 +36,7 @@ __all__ = [
     "IDLE_TIMEOUT",
     "INVALID_FRAME",
     "SERVER_BUSY",
+    "SERVER_SHUTDOWN",
     "MESSAGES",
     "unknown_event_message",
     "model_not_found_message",
@@ -79,6 +80,7 @@ class ErrorCode(StrEnum):
     IDLE_TIMEOUT = "idle_timeout"  # sent, then the server closes the socket
     INVALID_FRAME = "invalid_frame"  # a binary frame; socket stays open
     SERVER_BUSY = "server_busy"  # connection refused for capacity, then close
+    SERVER_SHUTDOWN = "server_shutdown"  # the service is stopping: audio it will not transcribe, then close
 
 
 # Module-level aliases, so callers can write ``protocol.BUFFER_FULL`` (each equals its string).
@@ -93,6 +95,7 @@ BUFFER_FULL = ErrorCode.BUFFER_FULL
 IDLE_TIMEOUT = ErrorCode.IDLE_TIMEOUT
 INVALID_FRAME = ErrorCode.INVALID_FRAME
 SERVER_BUSY = ErrorCode.SERVER_BUSY
+SERVER_SHUTDOWN = ErrorCode.SERVER_SHUTDOWN
 
 #: Codes whose message never varies. ``unknown_event`` and ``model_not_found`` embed a value (see
 #: the two functions below); ``processing_error`` carries the text of whatever went wrong.
@@ -108,6 +111,7 @@ MESSAGES: Mapping[ErrorCode, str] = MappingProxyType(
         ErrorCode.IDLE_TIMEOUT: "Session idle timeout exceeded; closing the connection.",
         ErrorCode.INVALID_FRAME: "Binary frames are not supported; send JSON events as text frames.",
         ErrorCode.SERVER_BUSY: "Server busy: too many concurrent sessions. Try again later.",
+        ErrorCode.SERVER_SHUTDOWN: "Server shutting down: no new audio is accepted.",
     }
 )
 

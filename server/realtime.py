@@ -1,4 +1,8 @@
-"""The ``/v1/realtime`` WebSocket route (thin: the work is in ``connection.py``)."""
+"""The ``/v1/realtime`` WebSocket route (thin: the work is in ``connection.py``).
+
+With API keys configured, a handshake without ``Authorization: Bearer <key>`` never reaches this
+route: ``auth.py``'s ``before_websocket`` hook answers the upgrade with HTTP 401.
+"""
 
 from __future__ import annotations
 

@@ -160,6 +160,46 @@ def test_decode_from_bytes_at_44k_stereo(clip):
     assert np.abs(decoded).max() == pytest.approx(0.25 * np.abs(clip).max(), rel=0.05)
 
 
+def _encode_with_av(audio: np.ndarray, container: str, codec: str, rate: int) -> bytes:
+    """Stereo ``audio`` at ``rate`` in a container libsndfile cannot read, written by FFmpeg (PyAV)."""
+    av = pytest.importorskip("av")
+    resampled = np.ascontiguousarray(soxr.resample(audio, SAMPLE_RATE, rate).astype(np.float32))
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate, layout="stereo")
+        frame = av.AudioFrame.from_ndarray(resampled.reshape(1, -1), format="flt", layout="stereo")
+        frame.sample_rate = rate
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("container,codec,rate,ext", [("mp4", "aac", 44100, "m4a"), ("webm", "libopus", 48000, "webm")])
+def test_decode_ffmpeg_containers(tmp_path, clip, container, codec, rate, ext):
+    """m4a/AAC and webm/Opus (what phones and browsers record) go through PyAV: mono 16 kHz, the
+    channels averaged, from bytes, a path and a file object alike."""
+    stereo = np.stack([clip, -0.5 * clip], axis=1)
+    data = _encode_with_av(stereo, container, codec, rate)
+    with pytest.raises(sf.LibsndfileError):
+        sf.read(io.BytesIO(data))
+    path = tmp_path / f"clip.{ext}"
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        decoded = [decode_audio(data), decode_audio(path), decode_audio(f)]
+    for d in decoded:
+        np.testing.assert_array_equal(d, decoded[0])
+    d = decoded[0]
+    assert d.dtype == np.float32 and d.ndim == 1
+    # AAC starts with 1024 samples of encoder priming (23 ms at 44.1 kHz): align before comparing
+    lag = max(range(0, 2048), key=lambda k: _corr(d[k:k + len(clip) - 2048], clip[:len(clip) - 2048]))
+    assert abs(len(d) - lag - len(clip)) <= 0.02 * len(clip)
+    # (a fractional lag for AAC: 1024 * 16000 / 44100 = 371.5 samples, hence the looser bound)
+    assert _corr(d[lag:lag + len(clip) - 2048], 0.25 * clip[:len(clip) - 2048]) > 0.95
+    assert np.abs(d).max() == pytest.approx(0.25 * np.abs(clip).max(), rel=0.1)
+
+
 # -- errors --------------------------------------------------------------------------------------
 
 def _raises_naming(source, needle: str, **kw) -> AudioError:

@@ -241,3 +241,57 @@ def test_bad_override_names_the_key(tmp_path):
     assert msg.startswith(path) and "window_buckets" in msg
     msg = _config_error(path, colour="blue")
     assert "engine.colour" in msg
+
+
+# -- [server]: API keys, upload cap, request timeout -------------------------------------------------
+
+
+def test_server_defaults_have_no_keys():
+    s = ServiceConfig().server
+    assert s.api_keys == () and s.api_key_file is None
+    assert s.effective_api_keys({}) == ()
+    assert s.max_upload_mb == 25.0 and s.max_upload_bytes == 25 * 1024 * 1024
+    assert s.request_timeout_s == 600.0
+
+
+def test_api_keys_from_every_source(tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# one key per line\nfile-a\n\n   file-b  \n# file-c is commented out\nflag-1\n")
+    config = load_config(server={"api_keys": ("flag-1", "flag-2"), "api_key_file": str(keys)})
+    assert config.server.effective_api_keys({"JAX_REALTIME_API_KEY": " env-1 , env-2,"}) == (
+        "flag-1", "flag-2", "file-a", "file-b", "env-1", "env-2")  # duplicates once, in order
+    assert config.server.effective_api_keys({"JAX_REALTIME_API_KEY": "  "}) == ("flag-1", "flag-2", "file-a", "file-b")
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('[server]\napi_keys = ["good", "has space"]\n', "server.api_keys: Value error, key 2: an API key may only hold"),
+    ('[server]\napi_keys = [""]\n', "key 1: an API key must not be empty"),
+    ('[server]\napi_keys = ["caf\u00e9"]\n', "visible ASCII"),
+    ('[server]\nmax_upload_mb = 0\n', "server.max_upload_mb"),
+    ('[server]\nrequest_timeout_s = -1\n', "server.request_timeout_s"),
+    ('[server]\napi_key = "my-secret"\n', "server.api_key"),  # a typo: still not echoed
+])
+def test_bad_server_values(tmp_path, text, needle):
+    path = _write(tmp_path, text)
+    msg = _config_error(path)
+    assert msg.startswith(path) and needle in msg, msg
+    for secret in ("has space", "caf\u00e9", "my-secret"):  # keys are never echoed
+        assert secret not in msg, msg
+
+
+def test_api_key_file_problems_name_the_file(tmp_path):
+    missing = tmp_path / "missing.txt"
+    assert f"api_key_file {missing}: cannot read" in _config_error(None, server={"api_key_file": str(missing)})
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing but comments\n\n")
+    assert f"api_key_file {empty}: holds no key" in _config_error(None, server={"api_key_file": str(empty)})
+    bad = tmp_path / "bad.txt"
+    bad.write_text("ok-key\nsecret with spaces\n")
+    msg = _config_error(None, server={"api_key_file": str(bad)})
+    assert f"api_key_file {bad}, key 2: an API key may only hold" in msg and "secret with" not in msg
+
+
+def test_bad_env_key_is_reported():
+    config = load_config(server={"api_keys": ("k",)})
+    with pytest.raises(ValueError, match=r"\$JAX_REALTIME_API_KEY: an API key may only hold"):
+        config.server.effective_api_keys({"JAX_REALTIME_API_KEY": "ok,not ok"})

@@ -147,14 +147,14 @@ def test_error_codes_and_fixed_messages():
     assert {c.value for c in ErrorCode} == {
         "invalid_json", "unknown_event", "invalid_event", "model_not_found", "model_not_validated",
         "invalid_audio", "processing_error", "buffer_full", "idle_timeout", "invalid_frame",
-        "server_busy",
+        "server_busy", "server_shutdown",
     }
     assert MESSAGES[ErrorCode.INVALID_JSON] == "Invalid JSON"
     assert MESSAGES[ErrorCode.INVALID_EVENT] == "Missing required field: model"
     assert MESSAGES[ErrorCode.MODEL_NOT_VALIDATED] == MODEL_NOT_VALIDATED
     assert MESSAGES[ErrorCode.INVALID_AUDIO] == "Invalid audio data"
     assert MESSAGES[ErrorCode.BUFFER_FULL] == "Audio buffer full"
-    for code in ("idle_timeout", "invalid_frame", "server_busy"):
+    for code in ("idle_timeout", "invalid_frame", "server_busy", "server_shutdown"):
         assert MESSAGES[ErrorCode(code)]  # chosen here, non-empty, one place
     # codes whose message carries a value have no fixed message
     for code in ("unknown_event", "model_not_found", "processing_error"):
