@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from . import __version__
@@ -29,14 +30,41 @@ def _engine(args):
     return Engine(config_from_args(args).engine)
 
 
+def _options(args):
+    from .transcribe import TranscribeOptions
+
+    batch = args.output_dir is not None  # srt and vtt need timestamps
+    return TranscribeOptions(args.language, args.task, args.timestamps or batch, args.prompt, strategy=args.strategy)
+
+
 def cmd_transcribe(args) -> int:
-    from .transcribe import TranscribeOptions, transcribe_files
+    from .batch import expand_inputs
+
+    if not args.inputs and not args.manifest:
+        print("error: give audio files, directories, glob patterns or --manifest", file=sys.stderr)
+        return 2
+    if args.distributed or args.coordinator or args.num_processes:
+        if args.output_dir is None:
+            print("error: several processes write their outputs to files: give --output-dir", file=sys.stderr)
+            return 2
+        from .sharding import init_distributed
+
+        init_distributed(args.coordinator, args.num_processes, args.process_id)
+    items = expand_inputs(args.inputs, args.manifest)
+    if not items:
+        print("error: no audio files found", file=sys.stderr)
+        return 2
+    if args.output_dir is not None:
+        return _transcribe_to_files(args, items)
+    from .transcribe import check_options, transcribe_files
 
     engine = _engine(args)
-    options = TranscribeOptions(args.language, args.task, args.timestamps, args.prompt)
-    results = transcribe_files(engine, args.files, options)
+    options = _options(args)
+    check_options(engine, options)
+    results = transcribe_files(engine, [item.path for item in items], options, args.rows)
     failed = False
     objects = []
+    several = len(items) > 1
     for r in results:
         if r.error:
             failed = True
@@ -45,19 +73,81 @@ def cmd_transcribe(args) -> int:
                 continue
         objects.append(r.as_dict(args.timestamps))
     if args.format == "json":
-        print(json.dumps(objects if len(args.files) > 1 else (objects[0] if objects else {}), ensure_ascii=False, indent=2))
+        print(json.dumps(objects if several else (objects[0] if objects else {}), ensure_ascii=False, indent=2))
     elif args.format == "jsonl":
         for obj in objects:
             print(json.dumps(obj, ensure_ascii=False))
     else:
         for obj in objects:
-            prefix = f"{obj['file']}: " if len(args.files) > 1 else ""
+            prefix = f"{obj['file']}: " if several else ""
             if args.timestamps:
                 for s in obj["segments"]:
                     print(f"{prefix}[{s['start']:6.2f} -> {s['end']:6.2f}] {s['text']}")
             else:
                 print(prefix + obj["text"])
     return 1 if failed else 0
+
+
+def _transcribe_to_files(args, items) -> int:
+    from . import batch
+    from .transcribe import check_options
+
+    extensions = [e.strip() for e in args.formats.split(",") if e.strip()]
+    unknown = [e for e in extensions if e not in batch.OUTPUT_FORMATS]
+    if unknown or not extensions:
+        print(f"error: --formats takes a comma-separated subset of {','.join(batch.OUTPUT_FORMATS)}", file=sys.stderr)
+        return 2
+    engine = _engine(args)
+    options = _options(args)
+    check_options(engine, options)
+    report = batch.run(engine, items, args.output_dir, options, extensions, overwrite=args.overwrite,
+                       max_rows=args.rows, progress=not args.no_progress)
+    from .sharding import process_index
+
+    if process_index() == 0:
+        speed = f", {report.audio_s / report.wall_s:.1f} audio-s/s" if report.wall_s > 0 and report.audio_s else ""
+        print(f"{report.done} transcribed, {report.skipped} skipped (outputs exist), {report.failed} failed; "
+              f"{report.audio_s / 3600:.3f} audio-h in {report.wall_s:.1f} s{speed}; "
+              f"summary: {os.path.join(args.output_dir, 'summary.jsonl')}", file=sys.stderr)
+    return report.exit_status
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def add_transcribe_arguments(t: argparse.ArgumentParser, output_dir_required: bool = False) -> None:
+    """The arguments of ``jax-realtime transcribe`` (``scripts/transcribe_batch.py`` uses them too)."""
+    t.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="audio files (wav, flac, ogg, mp3; any sample rate), directories (searched recursively) "
+                        "or quoted glob patterns")
+    t.add_argument("--manifest", help="a file listing inputs: one path a line, or jsonl with 'audio' (or 'path', "
+                                      "'wav', 'file') and an optional 'id' naming the outputs")
+    add_engine_flags(t)
+    t.add_argument("--language", help="ISO code (default: detect on multilingual models, English otherwise)")
+    t.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
+    t.add_argument("--timestamps", action="store_true", help="decode with timestamps and print segments")
+    t.add_argument("--prompt", help="text that conditions the decoder (names, spelling, style)")
+    t.add_argument("--strategy", choices=["seek", "chunked"], default="seek",
+                   help="how audio longer than 30 s is stitched (see jax_realtime/transcribe.py)")
+    t.add_argument("--format", choices=["text", "json", "jsonl"], default="text",
+                   help="what is printed without --output-dir")
+    t.add_argument("-o", "--output-dir", required=output_dir_required,
+                   help="write NAME.txt/.json/.srt/.vtt per input and summary.jsonl here; resumable")
+    t.add_argument("--formats", default="txt,json,srt,vtt", help="with --output-dir: the files to write")
+    t.add_argument("--overwrite", action="store_true", help="with --output-dir: redo inputs whose outputs exist")
+    t.add_argument("--rows", type=_positive, help="windows decoded per round (default: 2x the largest batch bucket)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d = t.add_argument_group("several processes (jax.distributed)")
+    d.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run; on TPU pods and SLURM JAX finds the others itself, elsewhere "
+                        "give the three options below")
+    d.add_argument("--coordinator", help="HOST:PORT of process 0 (omit on TPU pods/SLURM: found automatically)")
+    d.add_argument("--num-processes", type=int, help="processes in the run")
+    d.add_argument("--process-id", type=int, help="this process's index, 0 ... N-1")
 
 
 def build_parser(extend=None) -> argparse.ArgumentParser:
@@ -67,14 +157,8 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (compilation, loading)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("transcribe", help="transcribe audio files of any length")
-    t.add_argument("files", nargs="+", metavar="FILE", help="wav, flac, ogg or mp3; any sample rate")
-    add_engine_flags(t)
-    t.add_argument("--language", help="ISO code (default: detect on multilingual models, English otherwise)")
-    t.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
-    t.add_argument("--timestamps", action="store_true", help="decode with timestamps and print segments")
-    t.add_argument("--prompt", help="text that conditions the decoder (names, spelling, style)")
-    t.add_argument("--format", choices=["text", "json", "jsonl"], default="text")
+    t = sub.add_parser("transcribe", help="transcribe audio of any length: files, directories, globs, a manifest")
+    add_transcribe_arguments(t)
     t.set_defaults(func=cmd_transcribe)
     if extend is not None:
         extend(sub)

@@ -9,6 +9,13 @@ A bucket is ``(batch, window seconds, prompt length)``.  All buckets are compile
 by :meth:`Engine.warmup`; afterwards a call is padded up to a bucket and runs a compiled
 executable, so nothing compiles while serving.  Every XLA compilation in the process is counted
 (:func:`compile_stats`) so tests and operators can check that.
+
+Many processes (``jax.distributed``, e.g. the hosts of a TPU pod): the mesh spans every device of
+every process, and each process calls :meth:`Engine.decode` with its own requests (possibly none).
+The processes agree on the sequence of compiled calls (window, batch and prompt bucket) with a
+small all-gather before each, pad their missing rows, contribute their rows of the global batch,
+and get back their own results.  The code path is the same on one process, where agreeing needs
+no communication; every process must call ``decode`` the same number of times.
 """
 
 from __future__ import annotations
@@ -176,7 +183,10 @@ class Engine:
         self.load_seconds = time.perf_counter() - started
 
         n_data = sharding.data_parallelism(self.mesh)
-        on_one_cpu = n_data == 1 and self.mesh.devices.flat[0].platform == "cpu"
+        if sharding.local_data_parallelism(self.mesh) == 0:
+            raise ValueError(f"process {jax.process_index()} has no device in the engine's mesh")
+        # one CPU device per process (one machine, or each host of a CPU cluster): see EngineConfig
+        on_one_cpu = sharding.local_data_parallelism(self.mesh) == 1 and self.mesh.devices.flat[0].platform == "cpu"
         self.encoder_rows = self.config.encoder_rows or (1 if on_one_cpu else None)
         self.batch_buckets = tuple(sorted({-(-b // n_data) * n_data for b in self.config.batch_buckets}))
         self.window_buckets = self.config.window_buckets
@@ -330,11 +340,14 @@ class Engine:
         bucket, and each batch is padded up to the smallest bucket that holds it.  A result from a
         window shorter than 30 s that looks degenerate (see :func:`looks_degenerate`) is decoded
         again in the next larger window, so short windows cost speed, never accuracy.
+
+        Under ``jax.distributed`` every process calls this together, each with its own requests
+        (an empty list is fine); see the module's docstring.
         """
         prepared = [self._prepare(r) for r in requests]
         results = self._decode_prepared(prepared)
         retry = [i for i, r in enumerate(results) if r.window_s < self.window_buckets[-1] and looks_degenerate(r)]
-        while retry and self.config.window_fallback:
+        while self.config.window_fallback and sharding.any_process(bool(retry)):
             for i in retry:
                 prepared[i].window_s = next(w for w in self.window_buckets if w > prepared[i].window_s)
             for i, result in zip(retry, self._decode_prepared([prepared[i] for i in retry])):
@@ -342,22 +355,35 @@ class Engine:
             retry = [i for i in retry if results[i].window_s < self.window_buckets[-1] and looks_degenerate(results[i])]
         return results
 
+    @property
+    def local_capacity(self) -> int:
+        """Rows of this process in a call of the largest batch bucket (all of them on one process)."""
+        return sharding.local_batch(self.mesh, self.batch_buckets[-1])
+
     def _decode_prepared(self, prepared: list[_Prepared]) -> list[DecodeResult]:
         results: list[DecodeResult | None] = [None] * len(prepared)
-        largest = self.batch_buckets[-1]
-        for window in self.window_buckets:
-            group = [i for i, p in enumerate(prepared) if p.window_s == window]
-            for first in range(0, len(group), largest):
+        largest = self.local_capacity
+        groups = [[i for i, p in enumerate(prepared) if p.window_s == window] for window in self.window_buckets]
+        # every process makes as many calls per window as the process with the most requests needs
+        calls = sharding.gather([-(-len(group) // largest) for group in groups]).max(axis=0)
+        for window, group, n_calls in zip(self.window_buckets, groups, calls):
+            for first in range(0, int(n_calls) * largest, largest):
                 chunk = group[first:first + largest]
                 for i, result in zip(chunk, self._decode_batch([prepared[i] for i in chunk], window)):
                     results[i] = result
         return results  # type: ignore[return-value]
 
     def _decode_batch(self, batch: list[_Prepared], window: float) -> list[DecodeResult]:
-        size = next(b for b in self.batch_buckets if b >= len(batch))
-        longest = max(len(p.tokens) for p in batch)
-        prompt_len = next(p for p in self.prompt_buckets if p >= longest)
-        bucket = Bucket(size, window, prompt_len)
+        """One compiled call; ``batch`` holds this process's rows (possibly none)."""
+        longest = max((len(p.tokens) for p in batch), default=0)
+        needed = [
+            next(i for i, b in enumerate(self.batch_buckets) if sharding.local_batch(self.mesh, b) >= len(batch)),
+            next(i for i, p in enumerate(self.prompt_buckets) if p >= longest),
+        ]
+        batch_index, prompt_index = sharding.gather(needed).max(axis=0)  # the same bucket on every process
+        global_size, prompt_len = self.batch_buckets[batch_index], self.prompt_buckets[prompt_index]
+        bucket = Bucket(global_size, window, prompt_len)
+        size = sharding.local_batch(self.mesh, global_size)
 
         n_samples = window_samples(window)
         audio = np.zeros((size, n_samples), np.float32)
@@ -387,8 +413,8 @@ class Engine:
 
         executable = self._executable(bucket)
         args = sharding.put_batch([audio, prompt, start, sot_index, language_index, timestamps, max_new, history,
-                                   temperature, seed], self.mesh)
-        out = jax.device_get(executable(self.params, *args))
+                                   temperature, seed], self.mesh, global_size)
+        out = {key: sharding.local_rows(value) for key, value in executable(self.params, *args).items()}
         return [self._result(p, out, row, int(max_new[row])) for row, p in enumerate(batch)]
 
     def _result(self, p: _Prepared, out: dict, row: int, max_new: int) -> DecodeResult:

@@ -1,8 +1,15 @@
 """The device mesh and how parameters, batches and caches are laid out on it.
 
-One code path for one device or many: a 2-D mesh ``("data", "model")`` over every device the
-JAX runtime sees (all hosts, under ``jax.distributed``).  Batches are split along ``data``;
-parameters are replicated today, and the ``model`` axis (size 1) is where they can be split later.
+One code path for one device or many, one process or many: a 2-D mesh ``("data", "model")`` over
+every device the JAX runtime sees (all hosts, under ``jax.distributed``).  Batches are split along
+``data``; parameters are replicated today, and the ``model`` axis (size 1) is where they can be
+split later.
+
+Under ``jax.distributed`` each process holds only the rows of a batch that belong to its own
+devices: :func:`put_batch` builds the global array from them
+(``jax.make_array_from_process_local_data``) and :func:`local_rows` reads them back.  Processes
+agree on what to run next with :func:`gather` (a small all-gather; no communication at all on a
+single process).
 """
 
 from __future__ import annotations
@@ -34,21 +41,92 @@ def data_parallelism(mesh: Mesh) -> int:
     return mesh.shape[DATA]
 
 
+def local_data_parallelism(mesh: Mesh) -> int:
+    """Entries of the ``data`` axis whose devices belong to this process."""
+    here = jax.process_index()
+    return sum(1 for d in mesh.devices[:, 0] if d.process_index == here)
+
+
+def local_batch(mesh: Mesh, batch: int) -> int:
+    """Rows of a global batch of ``batch`` (a multiple of the data axis) that this process holds."""
+    n_data = data_parallelism(mesh)
+    if batch % n_data:
+        raise ValueError(f"a batch of {batch} rows does not split over {n_data} data-parallel devices")
+    return batch // n_data * local_data_parallelism(mesh)
+
+
 def put_params(params, mesh: Mesh, dtype):
-    """Place the parameter tree on every device, cast to the compute dtype."""
+    """Place the parameter tree on every device, cast to the compute dtype.
+
+    Every process passes the same full tree (each loads the checkpoint itself).
+    """
     import jax.numpy as jnp
 
     sharding = replicated(mesh)
     host_dtype = jnp.dtype(dtype)  # cast on the host (ml_dtypes), so loading compiles nothing
-    return jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x, host_dtype), sharding), params)
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x, host_dtype)), params)
 
 
-def put_batch(arrays, mesh: Mesh):
-    """Place host arrays (leading axis = batch) on the mesh, split along ``data``."""
+def put_batch(arrays, mesh: Mesh, batch: int):
+    """Place this process's rows of a global batch of ``batch`` rows on the mesh, split along
+    ``data`` (each array's leading axis holds :func:`local_batch` rows)."""
     sharding = batch_sharded(mesh)
-    return [jax.device_put(a, sharding) for a in arrays]
+    return [jax.make_array_from_process_local_data(sharding, a, (batch,) + a.shape[1:]) for a in arrays]
+
+
+def local_rows(array) -> np.ndarray:
+    """This process's rows of a batch-sharded array, in global order (the whole array on one process)."""
+    shards = {s.index[0].start or 0: s.data for s in array.addressable_shards}  # replicas give the same rows
+    parts = jax.device_get([shards[start] for start in sorted(shards)])
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def process_index() -> int:
+    return jax.process_index()
+
+
+def process_count() -> int:
+    return jax.process_count()
+
+
+def gather(local) -> np.ndarray:
+    """``local`` (a small array of the same shape everywhere) from every process, stacked along a
+    new leading axis in process order.  Every process must call it at the same point.  Under
+    ``jax.distributed`` this runs a tiny compiled all-gather (compiled once per shape, and counted
+    by ``engine.compile_stats``)."""
+    local = np.asarray(local)
+    if jax.process_count() == 1:
+        return local[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local))
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when ``flag`` is true on any (a collective: all processes call it)."""
+    return bool(gather(np.int32(bool(flag))).max())
 
 
 def constrain_batch(x, mesh: Mesh):
     """Inside a compiled function: keep ``x`` split along the batch axis."""
     return jax.lax.with_sharding_constraint(x, batch_sharded(mesh))
+
+
+def gather_bytes(data: bytes) -> list[bytes]:
+    """``data`` from every process, in process order (a collective: all processes call it)."""
+    sizes = gather(np.int64(len(data)))
+    buffer = np.zeros(int(sizes.max()), np.uint8)
+    buffer[: len(data)] = np.frombuffer(data, np.uint8)
+    return [row[:size].tobytes() for row, size in zip(gather(buffer), sizes)]
+
+
+def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> None:
+    """Join a multi-process JAX runtime (``jax.distributed.initialize``) before any device is used.
+
+    With no arguments JAX finds the cluster itself (TPU pods, SLURM, ...).  CPU devices exchange
+    data over gloo, so the same call works for a CPU cluster or several processes on one machine.
+    """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)

@@ -1,58 +1,115 @@
 """Long-form transcription on the engine: audio of any length, many files at once.
 
-Stitching: Whisper's own seek loop, as openai-whisper and faster-whisper run it.  Each window is
-30 s of audio from the current position; the window's complete segments are kept, and the next
-window starts where the last complete segment ended (or at the window's end when Whisper closed
-it with a single timestamp).  The text so far conditions the next window (``<|startofprev|>``).
-Why this and not overlapping chunks with strides (whisper-jax): see
-``scripts/bench_batch.py``/the long-form issue's note — on this project's eval audio the seek loop
-gives the lower WER; a file's windows are sequential, so the batch is filled with windows of
-*different files* instead.
+Two ways to stitch 30 s windows into one transcript (``TranscribeOptions.strategy``):
 
-The loop is a pure state machine, :class:`LongForm`: it says which :class:`DecodeRequest` it needs
-next and takes the engine's results, so the same code runs
+* ``"seek"``: Whisper's own loop, as openai-whisper and faster-whisper run it.  Each window is
+  30 s of audio from the current position; the window's complete segments are kept, and the next
+  window starts where the last complete segment ended (or at the window's end when Whisper closed
+  it with a single timestamp).  The text so far conditions the next window (``<|startofprev|>``).
+  A file's windows are sequential, so the batch is filled with windows of *different files*.
+* ``"chunked"``: whisper-jax / the Hugging Face pipeline: 30 s chunks every ``30 - 2 * stride``
+  seconds (5 s of overlap on each side by default), decoded independently, so every chunk of a
+  file can share one batch; neighbouring chunks' text tokens are merged where they agree best
+  (the pipeline's longest-common-sequence merge, cutting in the middle of the overlap).
 
-* synchronously over many files (:func:`transcribe_batch`: one engine call per round, one window
-  of every unfinished file per round), and
+Decision: ``seek`` is the default.  Measured with ``scripts/eval_longform.py`` (tiny.en, float32,
+default buckets, 2-core CPU shared with other jobs, so speeds are indicative; WER normalised with
+Whisper's English normaliser; the stream is the 116 Hi-Fi TTS clips of the eval set back to back):
+
+=============================  ============================  ============================
+                               5-min stream (298 s)          1-hour file (stream x 12)
+=============================  ============================  ============================
+clips one by one (baseline)    WER 8.73 %, 8.8x realtime
+seek                           WER 6.57 %, 11.8x / 14.2x     WER 6.51 %, 19.5x, 133 windows
+chunked, stride 5 s            WER 6.14 %, 17.0x / 19.4x     WER 7.76 %, 22.7x, 181 windows
+chunked, stride 2.5 s          WER 12.18 %, 19.0x
+=============================  ============================  ============================
+
+(two runs of the 5-minute stream, same process per run.)  Eight copies of the 5-minute stream as
+eight files at once (``--files 8``): seek 32.3x realtime (88 windows), chunked 25.9x (120
+windows), WER as above.  Why ``seek``:
+
+* accuracy: on the hour, where merge failures have room to show, chunked loses 1.25 points; a
+  merge aligns the two chunks' tokens only, and when a chunk's end is transcribed differently (or
+  not at all: Whisper often stops before a cut-off sentence) it can align wrongly and drop text
+  (stride 2.5 s: one merge dropped ~20 s of speech); seek keeps the model's own timestamps where
+  chunked interpolates them inside merged segments;
+* speed where it counts: chunked is faster only while one file cannot fill the batch on its own
+  (its chunks share a batch; +16 % on the hour, +35-45 % on 5 minutes), at the price of 1.36x the
+  windows (overlaps); with many files, seek fills the batch with other files' windows and does
+  less work (32.3x against 25.9x on eight files);
+* seek's segments come in order, window by window (the REST API streams them).
+
+``--strategy chunked`` stays for a single long file when speed matters more than the last point
+of WER.  Also tried: cutting a long file at its quietest moments into parts of 40-100 s that run
+the seek loop side by side (a file fills the batch without overlap): no faster on the hour
+(180 windows: the parts' short tail windows) and worse (WER 9.65 % at 40 s, 12.26 % at 60 s,
+parts starting without context), so it was dropped.
+
+The loop is a state machine per audio (:class:`LongForm` for ``seek``, :class:`Chunked` for
+``chunked``): it says which :class:`DecodeRequest` objects it needs next and takes the engine's
+results, so the same code runs
+
+* synchronously over many files (:func:`run_jobs`, :func:`transcribe_batch`: one engine call per
+  round with the pending windows of every unfinished file), and
 * asynchronously through the service's shared batcher (:func:`transcribe_async`, used by REST).
 
-Guards users expect from Whisper: a window whose no-speech probability is above 0.6 (with an
-average log-probability below -1) is skipped as silence; a window whose output is repetitive
-(gzip compression ratio above 2.4) or unlikely (average log-probability below -1) is decoded again
-at the next temperature of ``temperatures`` (0.0, 0.2, ..., 1.0), keeping the best attempt if all
-fail; text decoded at a temperature above 0.5 does not condition the next window.
+Guards users expect from Whisper (both strategies): a window whose no-speech probability is above
+0.6 (with an average log-probability below -1) is skipped as silence; a window whose output is
+repetitive (gzip compression ratio above 2.4) or unlikely (average log-probability below -1) is
+decoded again at the next temperature of ``temperatures`` (0.0, 0.2, ..., 1.0), keeping the best
+attempt if all fail; in ``seek``, text decoded at a temperature above 0.5 does not condition the
+next window.
+
+Under ``jax.distributed`` :func:`run_jobs` keeps the processes in lockstep: each decodes its own
+files, and all of them keep calling the engine (with an empty batch when they have nothing left)
+until every process is done.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import math
 import os
-from typing import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from . import sharding
 from .audio import CHUNK_LENGTH, HOP_LENGTH, SAMPLE_RATE, AudioError, decode_audio
 from .decoding import COMPRESSION_RATIO_THRESHOLD
 from .engine import DecodeRequest, DecodeResult, Engine
 
 FRAMES_PER_WINDOW = CHUNK_LENGTH * SAMPLE_RATE // HOP_LENGTH  # 3000 mel frames = 30 s
+STRATEGIES = ("seek", "chunked")
 
 
 @dataclasses.dataclass(frozen=True)
 class TranscribeOptions:
     language: str | None = None  # None: detected on the first window (multilingual models)
     task: str = "transcribe"
-    # Decode in timestamp mode.  Audio longer than one window always is (the seek loop needs
+    # Decode in timestamp mode.  Audio longer than one window always is (stitching needs
     # timestamps); a clip that fits one window may be decoded without them.
     timestamps: bool = True
     initial_prompt: str | None = None
-    condition_on_previous_text: bool = True
+    condition_on_previous_text: bool = True  # seek only: chunks are decoded independently
     temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD
     logprob_threshold: float | None = -1.0
     no_speech_threshold: float | None = 0.6
     prompt_reset_on_temperature: float = 0.5
     seed: int = 0
+    strategy: str = "seek"  # see the module's docstring
+    chunk_stride_s: float = 5.0  # chunked: overlap with each neighbouring chunk
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
+        if not 0 <= self.chunk_stride_s < CHUNK_LENGTH / 4:
+            raise ValueError(f"chunk_stride_s must be in [0, {CHUNK_LENGTH / 4}), not {self.chunk_stride_s}")
+        if not self.temperatures:
+            raise ValueError("temperatures needs at least one value")
 
 
 @dataclasses.dataclass
@@ -62,7 +119,7 @@ class TranscriptSegment:
     start: float  # seconds from the start of the audio
     end: float
     text: str
-    tokens: list[int]  # the segment's ids, timestamps included
+    tokens: list[int]  # the segment's ids (seek: timestamps included; chunked: text tokens)
     temperature: float
     avg_logprob: float
     compression_ratio: float
@@ -80,34 +137,139 @@ class Transcript:
     completion_tokens: int
 
 
-class LongForm:
-    """Whisper's seek loop over one audio, as a state machine (no engine calls in here)."""
+class _Guards:
+    """Whisper's hallucination guards for one window: temperature fallback and no-speech skip."""
+
+    def __init__(self, options: TranscribeOptions):
+        self.options = options
+
+    def is_silence(self, result: DecodeResult) -> bool:
+        o = self.options
+        return o.no_speech_threshold is not None and result.no_speech_prob > o.no_speech_threshold and \
+            (o.logprob_threshold is None or result.avg_logprob < o.logprob_threshold)
+
+    def needs_fallback(self, result: DecodeResult) -> bool:
+        o = self.options
+        if o.logprob_threshold is not None and self.is_silence(result):
+            return False  # silence: skipped, another temperature would not help
+        too_repetitive = o.compression_ratio_threshold is not None and result.compression_ratio > o.compression_ratio_threshold
+        too_unlikely = o.logprob_threshold is not None and result.avg_logprob < o.logprob_threshold
+        return too_repetitive or too_unlikely
+
+    def retry(self, attempts: list[DecodeResult]) -> bool:
+        """Decode the window again at the next temperature?"""
+        return self.needs_fallback(attempts[-1]) and len(attempts) < len(self.options.temperatures)
+
+    def best(self, attempts: list[DecodeResult]) -> DecodeResult:
+        """The last attempt if it passed; else the likeliest that is not repetitive (or of all)."""
+        last = attempts[-1]
+        if not self.needs_fallback(last):
+            return last
+        threshold = self.options.compression_ratio_threshold
+        fine = [r for r in attempts if threshold is None or r.compression_ratio <= threshold]
+        return max(fine or attempts, key=lambda r: r.avg_logprob)
+
+
+class _Job:
+    """What the drivers need of a strategy: requests to run, results to take, the transcript."""
 
     def __init__(self, engine: Engine, audio: np.ndarray, options: TranscribeOptions):
+        audio = np.asarray(audio, np.float32)
         if audio.ndim != 1:
             raise ValueError(f"audio must be mono (1-D), got shape {audio.shape}")
         self.engine = engine
         self.tokenizer = engine.tokenizer
-        self.audio = np.asarray(audio, np.float32)
+        self.audio = audio
         self.options = options
+        self.guards = _Guards(options)
         self.language = options.language
         if self.language is not None or not engine.dims.multilingual:
             self.tokenizer.sot_sequence(self.language, options.task)  # validate now, not mid-file
-        self.frames = len(self.audio) // HOP_LENGTH
-        self.timestamps = options.timestamps or len(self.audio) > CHUNK_LENGTH * SAMPLE_RATE
-        self.seek = 0
-        self.segments: list[TranscriptSegment] = []
+        self.long = len(audio) > CHUNK_LENGTH * SAMPLE_RATE
+        self.timestamps = options.timestamps or self.long
         initial = options.initial_prompt
-        self._all_tokens: list[int] = self.tokenizer.encode(" " + initial.strip()) if initial else []
-        self._prompt_reset_since = 0
-        self._attempts: list[DecodeResult] = []  # this window's attempts at successive temperatures
+        self.initial_prompt: list[int] = self.tokenizer.encode(" " + initial.strip()) if initial else []
         self.windows = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
 
     @property
+    def duration(self) -> float:
+        return len(self.audio) / SAMPLE_RATE
+
+    def request(self, audio: np.ndarray, prompt: Sequence[int], temperature: float, seed: int) -> DecodeRequest:
+        # Audio longer than one window is decoded in Whisper's full 30 s windows: a shorter encoder
+        # window with a previous-text prompt often places no timestamps at all.
+        return DecodeRequest(audio, self.language, self.options.task, self.timestamps, prompt,
+                             temperature=temperature, seed=seed, min_window_s=CHUNK_LENGTH if self.long else 0.0)
+
+    def count(self, result: DecodeResult) -> None:
+        self.windows += 1
+        self.prompt_tokens += result.prompt_tokens
+        self.completion_tokens += result.sampled_tokens
+
+    def segment(self, seek: int, start: float, end: float, text: str, tokens: list[int],
+                result: DecodeResult) -> TranscriptSegment:
+        return TranscriptSegment(
+            id=0, seek=seek, start=round(start, 3), end=round(end, 3), text=text, tokens=tokens,
+            temperature=result.temperature, avg_logprob=result.avg_logprob,
+            compression_ratio=result.compression_ratio, no_speech_prob=result.no_speech_prob,
+        )
+
+    # the interface the drivers use
+    done: bool
+    segments: list[TranscriptSegment]
+
+    def wants(self) -> int:
+        """Requests this job could run now."""
+        raise NotImplementedError
+
+    def pending(self, limit: int) -> list[DecodeRequest]:
+        """Up to ``limit`` (at least 1) requests; their results go to :meth:`take`, in order."""
+        raise NotImplementedError
+
+    def take(self, results: list[DecodeResult]) -> None:
+        raise NotImplementedError
+
+    @property
+    def progress_s(self) -> float:
+        """Seconds of the audio decoded for good."""
+        raise NotImplementedError
+
+    def transcript(self) -> Transcript:
+        segments = self.segments
+        for i, s in enumerate(segments):
+            s.id = i
+        return Transcript(
+            text="".join(s.text for s in segments).strip(),
+            segments=segments,
+            language=self.language or "en",
+            duration=self.duration,
+            windows=self.windows,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+        )
+
+
+class LongForm(_Job):
+    """Whisper's seek loop over one audio, as a state machine (no engine calls in here)."""
+
+    def __init__(self, engine: Engine, audio: np.ndarray, options: TranscribeOptions):
+        super().__init__(engine, audio, options)
+        self.frames = len(self.audio) // HOP_LENGTH
+        self.seek = 0
+        self.segments: list[TranscriptSegment] = []
+        self._all_tokens: list[int] = list(self.initial_prompt)
+        self._prompt_reset_since = 0
+        self._attempts: list[DecodeResult] = []  # this window's attempts at successive temperatures
+
+    @property
     def done(self) -> bool:
         return self.seek >= self.frames
+
+    @property
+    def progress_s(self) -> float:
+        return min(self.seek, self.frames) * HOP_LENGTH / SAMPLE_RATE
 
     def _window(self) -> tuple[np.ndarray, int]:
         size = min(FRAMES_PER_WINDOW, self.frames - self.seek)
@@ -118,42 +280,32 @@ class LongForm:
         """The request for the current window (at the next temperature after a failed attempt)."""
         audio, _ = self._window()
         temperature = self.options.temperatures[len(self._attempts)]
-        prompt = self._all_tokens[self._prompt_reset_since:]
-        # A file longer than one window is decoded in Whisper's full 30 s windows: a shorter
-        # encoder window with a previous-text prompt often places no timestamps at all.
-        full = len(self.audio) > CHUNK_LENGTH * SAMPLE_RATE
-        return DecodeRequest(
-            audio, self.language, self.options.task, self.timestamps, prompt,
-            temperature=temperature, seed=self.options.seed + self.seek,
-            min_window_s=CHUNK_LENGTH if full else 0.0,
-        )
+        return self.request(audio, self._all_tokens[self._prompt_reset_since:], temperature, self.options.seed + self.seek)
 
-    def _needs_fallback(self, result: DecodeResult) -> bool:
-        o = self.options
-        if o.no_speech_threshold is not None and o.logprob_threshold is not None and \
-                result.no_speech_prob > o.no_speech_threshold and result.avg_logprob < o.logprob_threshold:
-            return False  # silence: skipped below, another temperature would not help
-        too_repetitive = o.compression_ratio_threshold is not None and result.compression_ratio > o.compression_ratio_threshold
-        too_unlikely = o.logprob_threshold is not None and result.avg_logprob < o.logprob_threshold
-        return too_repetitive or too_unlikely
+    def wants(self) -> int:
+        return 0 if self.done else 1
+
+    def pending(self, limit: int) -> list[DecodeRequest]:
+        return [self.next_request()]
+
+    def take(self, results: list[DecodeResult]) -> None:
+        (result,) = results
+        self.apply(result)
 
     def apply(self, result: DecodeResult) -> None:
         """Take the result of :meth:`next_request`."""
-        self.windows += 1
-        self.prompt_tokens += result.prompt_tokens
-        self.completion_tokens += result.sampled_tokens
+        self.count(result)
         self._attempts.append(result)
-        if self._needs_fallback(result) and len(self._attempts) < len(self.options.temperatures):
+        if self.guards.retry(self._attempts):
             return  # the same window again, hotter
-        result = self._best_attempt()
+        result = self.guards.best(self._attempts)
         self._attempts = []
         if self.language is None:
             self.language = result.language  # detected once, on the first window
         _, size = self._window()
         o = self.options
-        if o.no_speech_threshold is not None and result.no_speech_prob > o.no_speech_threshold and \
-                (o.logprob_threshold is None or result.avg_logprob < o.logprob_threshold):
-            self.seek += size  # silence
+        if self.guards.is_silence(result):
+            self.seek += size
             return
         duration = size * HOP_LENGTH / SAMPLE_RATE
         offset = self.seek * HOP_LENGTH / SAMPLE_RATE
@@ -166,62 +318,271 @@ class LongForm:
         for s in window_segments:
             if not s.text.strip() or (self.timestamps and s.end <= s.start):
                 continue
-            self.segments.append(TranscriptSegment(
-                id=len(self.segments), seek=self.seek, start=round(offset + s.start, 3), end=round(offset + s.end, 3),
-                text=s.text, tokens=s.raw or s.tokens, temperature=result.temperature, avg_logprob=result.avg_logprob,
-                compression_ratio=result.compression_ratio, no_speech_prob=result.no_speech_prob,
-            ))
-            self._all_tokens += s.raw or s.tokens
+            tokens = s.raw or s.tokens
+            self.segments.append(self.segment(self.seek, offset + s.start, offset + s.end, s.text, tokens, result))
+            self._all_tokens += tokens
         if not o.condition_on_previous_text or result.temperature > o.prompt_reset_on_temperature:
             self._prompt_reset_since = len(self._all_tokens)
         self.seek += advance
 
-    def _best_attempt(self) -> DecodeResult:
-        """The last attempt if it passed; else the likeliest that is not repetitive (or of all)."""
-        last = self._attempts[-1]
-        if not self._needs_fallback(last):
-            return last
-        threshold = self.options.compression_ratio_threshold
-        fine = [r for r in self._attempts if threshold is None or r.compression_ratio <= threshold]
-        return max(fine or self._attempts, key=lambda r: r.avg_logprob)
 
-    def transcript(self) -> Transcript:
-        return Transcript(
-            text="".join(s.text for s in self.segments).strip(),
-            segments=self.segments,
-            language=self.language or "en",
-            duration=len(self.audio) / SAMPLE_RATE,
-            windows=self.windows,
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-        )
+@dataclasses.dataclass
+class _Token:
+    """A text token of one chunk's output, with where it came from (for timestamps after merging)."""
+
+    id: int
+    chunk: int
+    segment: int  # index among the chunk's segments
+    position: int  # index among the segment's tokens
 
 
-def transcribe_batch(engine: Engine, audios: Sequence[np.ndarray], options: TranscribeOptions,
-                     on_window: Callable[[int, LongForm], None] | None = None) -> list[Transcript]:
-    """Transcribe many audios together: each round decodes the next window of every unfinished
-    one in a single ``engine.decode`` call (which batches them by window bucket)."""
-    jobs = [LongForm(engine, a, options) for a in audios]
-    while active := [(i, j) for i, j in enumerate(jobs) if not j.done]:
-        results = engine.decode([j.next_request() for _, j in active])
-        for (i, job), result in zip(active, results):
-            job.apply(result)
-            if on_window is not None:
-                on_window(i, job)
-    return [j.transcript() for j in jobs]
+class Chunked(_Job):
+    """Overlapping 30 s chunks decoded independently, merged by longest common token sequence."""
+
+    def __init__(self, engine: Engine, audio: np.ndarray, options: TranscribeOptions):
+        super().__init__(engine, audio, options)
+        window = CHUNK_LENGTH * SAMPLE_RATE
+        stride = round(options.chunk_stride_s * SAMPLE_RATE)
+        step = window - 2 * stride
+        self.starts: list[int] = []
+        for start in range(0, len(self.audio), step):
+            self.starts.append(start)
+            if start + window >= len(self.audio):
+                break
+        self._window = window
+        self._attempts: list[list[DecodeResult]] = [[] for _ in self.starts]
+        self._final: list[DecodeResult | None] = [None] * len(self.starts)
+        self._todo: list[int] = list(range(len(self.starts)))  # chunks waiting for an (other) attempt
+        self._in_flight: list[int] = []
+        self._segments: list[TranscriptSegment] | None = None
+
+    @property
+    def done(self) -> bool:
+        return not self._todo and not self._in_flight
+
+    @property
+    def progress_s(self) -> float:
+        return self.duration * sum(f is not None for f in self._final) / max(len(self.starts), 1)
+
+    def wants(self) -> int:
+        if self.language is None and self.engine.dims.multilingual and self._final[0] is None:
+            return 0 if self._in_flight else 1  # the first chunk's language is every chunk's
+        return len(self._todo)
+
+    def pending(self, limit: int) -> list[DecodeRequest]:
+        n = min(limit, self.wants())
+        self._in_flight, self._todo = self._todo[:n], self._todo[n:]
+        requests = []
+        for c in self._in_flight:
+            start = self.starts[c]
+            temperature = self.options.temperatures[len(self._attempts[c])]
+            requests.append(self.request(self.audio[start:start + self._window], self.initial_prompt, temperature,
+                                         self.options.seed + start // HOP_LENGTH))
+        return requests
+
+    def take(self, results: list[DecodeResult]) -> None:
+        retry = []
+        for c, result in zip(self._in_flight, results):
+            self.count(result)
+            self._attempts[c].append(result)
+            if self.guards.retry(self._attempts[c]):
+                retry.append(c)
+                continue
+            self._final[c] = self.guards.best(self._attempts[c])
+            if self.language is None:
+                self.language = self._final[c].language
+        self._in_flight = []
+        self._todo = retry + self._todo
+
+    @property
+    def segments(self) -> list[TranscriptSegment]:
+        """The merged segments (empty until every chunk is decoded)."""
+        if not self.done:
+            return []
+        if self._segments is None:
+            self._segments = self._merge()
+        return self._segments
+
+    def _merge(self) -> list[TranscriptSegment]:
+        sequences = []
+        for c, result in enumerate(self._final):
+            if result is None or self.guards.is_silence(result):
+                sequences.append([])
+                continue
+            sequences.append([_Token(t, c, i, k) for i, s in enumerate(result.segments) for k, t in enumerate(s.tokens)])
+        merged = longest_common_sequence(sequences, key=lambda t: t.id)
+        segments: list[TranscriptSegment] = []
+        previous_end = 0.0
+        run: list[_Token] = []
+        for i, token in enumerate(merged):
+            run.append(token)
+            following = merged[i + 1] if i + 1 < len(merged) else None
+            if following is not None and (following.chunk, following.segment) == (token.chunk, token.segment):
+                continue
+            result = self._final[token.chunk]
+            source = result.segments[token.segment]
+            offset = self.starts[token.chunk] / SAMPLE_RATE
+            n = len(source.tokens)
+            span = source.end - source.start  # a run that is part of a segment gets its share of the time
+            start = offset + source.start + span * run[0].position / n
+            end = offset + source.start + span * (run[-1].position + 1) / n
+            start = min(max(start, previous_end), self.duration)
+            end = min(max(end, start), self.duration)
+            ids = [t.id for t in run]
+            text = self.tokenizer.decode(ids)
+            if segments and not text[:1].isspace():  # the merge cut inside a word: keep the word whole
+                last = segments[-1]
+                ids = last.tokens + ids
+                segments[-1] = self.segment(last.seek, last.start, end, self.tokenizer.decode(ids), ids, result)
+                previous_end = end
+            elif text.strip():
+                segments.append(self.segment(self.starts[token.chunk] // HOP_LENGTH, start, end, text, ids, result))
+                previous_end = end
+            run = []
+        return segments
+
+
+def longest_common_sequence(sequences: list[list[Any]], key: Callable[[Any], Any] = lambda x: x) -> list[Any]:
+    """Merge token sequences of overlapping chunks, as the Hugging Face Whisper pipeline does.
+
+    For each neighbouring pair, slide the right sequence's start along the left sequence's end and
+    take the alignment where most tokens agree (ties to longer overlaps); keep the left sequence up
+    to the middle of that overlap and the right one after it.  Without an alignment of two or more
+    agreeing tokens both are kept whole.
+    """
+    sequences = [s for s in sequences if s]
+    if not sequences:
+        return []
+    left = list(sequences[0])
+    total: list[Any] = []
+    for right in sequences[1:]:
+        left_keys = np.array([key(t) for t in left])
+        right_keys = np.array([key(t) for t in right])
+        n_left, n_right = len(left), len(right)
+        best, best_indices = 0.0, (n_left, n_left, 0, 0)
+        for i in range(1, n_left + n_right):
+            left_start, left_stop = max(0, n_left - i), min(n_left, n_left + n_right - i)
+            right_start, right_stop = max(0, i - n_left), min(n_right, i)
+            matches = int(np.sum(left_keys[left_start:left_stop] == right_keys[right_start:right_stop]))
+            score = matches / i + i / 10000.0  # the epsilon favours long perfect matches
+            if matches > 1 and score > best:
+                best, best_indices = score, (left_start, left_stop, right_start, right_stop)
+        left_start, left_stop, right_start, right_stop = best_indices
+        total.extend(left[:(left_start + left_stop) // 2])
+        left = list(right[(right_start + right_stop) // 2:])
+    total.extend(left)
+    return total
+
+
+def check_options(engine: Engine, options: TranscribeOptions) -> None:
+    """ValueError for options the engine cannot use (an unknown language or task)."""
+    if options.language is not None or not engine.dims.multilingual:
+        engine.tokenizer.sot_sequence(options.language, options.task)
+
+
+def make_job(engine: Engine, audio: np.ndarray, options: TranscribeOptions) -> _Job:
+    """The state machine of ``options.strategy`` for one audio."""
+    return Chunked(engine, audio, options) if options.strategy == "chunked" else LongForm(engine, audio, options)
+
+
+# -- drivers ---------------------------------------------------------------------------------------
+
+def run_jobs(engine: Engine, sources: Iterable[tuple[Any, np.ndarray | Exception]], options: TranscribeOptions,
+             max_rows: int | None = None,
+             on_progress: Callable[[float], None] | None = None) -> Iterator[tuple[Any, Transcript | Exception]]:
+    """Transcribe audios as they come; yields ``(key, transcript)`` as each finishes.
+
+    ``sources`` yields ``(key, audio)``, or ``(key, exception)`` for an input that could not be
+    read: that is yielded back as is, and the rest go on.  It is pulled only when there is room,
+    so at most about ``max_rows`` audios are in memory (None: all of them at once).  Each round
+    is one ``engine.decode`` call with up to ``max_rows`` windows: one per unfinished file in
+    ``seek``, as many chunks as fit in ``chunked``.  ``on_progress`` gets the seconds of audio
+    finished in each round.
+
+    Under ``jax.distributed`` every process runs this over its own sources, and all of them
+    keep calling the engine until every process is done.
+    """
+    check_options(engine, options)
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, not {max_rows}")
+    budget = max_rows if max_rows is not None else math.inf
+    sources = iter(sources)
+    exhausted = False
+    active: list[tuple[Any, _Job, float]] = []  # key, job, progress already reported
+    while True:
+        while not exhausted and sum(job.wants() for _, job, _ in active) < budget:
+            try:
+                key, audio = next(sources)
+            except StopIteration:
+                exhausted = True
+                break
+            if isinstance(audio, Exception):
+                yield key, audio
+                continue
+            try:
+                active.append((key, make_job(engine, audio, options), 0.0))
+            except ValueError as exc:
+                yield key, exc
+        if not sharding.any_process(bool(active)):
+            return
+        room, requests, owners = budget, [], []
+        for index, (_, job, _) in enumerate(active):
+            if room <= 0:
+                break
+            wanted = int(min(job.wants(), room))
+            if wanted:
+                batch = job.pending(wanted)
+                requests += batch
+                owners.append((index, len(batch)))
+                room -= len(batch)
+        results = engine.decode(requests)
+        position = 0
+        for index, n in owners:
+            active[index][1].take(results[position:position + n])
+            position += n
+        still = []
+        for key, job, reported in active:
+            progress = job.progress_s
+            if on_progress is not None and progress > reported:
+                on_progress(progress - reported)
+            if job.done:
+                yield key, job.transcript()
+            else:
+                still.append((key, job, progress))
+        active = still
+
+
+def default_rows(engine: Engine) -> int:
+    """Windows per round for file transcription: twice the largest batch, so that the windows of
+    a round, grouped by encoder window, still fill whole batches."""
+    return 2 * engine.local_capacity
+
+
+def transcribe_batch(engine: Engine, audios: Sequence[np.ndarray], options: TranscribeOptions) -> list[Transcript]:
+    """Transcribe many audios together (all in memory): each round decodes the pending windows of
+    every unfinished one in a single ``engine.decode`` call (which batches them by window bucket)."""
+    out: dict[int, Transcript] = {}
+    for index, transcript in run_jobs(engine, enumerate(audios), options):
+        if isinstance(transcript, Exception):
+            raise transcript
+        out[index] = transcript
+    return [out[i] for i in range(len(audios))]
 
 
 async def transcribe_async(submit: Callable[[DecodeRequest], Awaitable[DecodeResult]], engine: Engine,
                            audio: np.ndarray, options: TranscribeOptions,
                            on_segments: Callable[[list[TranscriptSegment]], Awaitable[None]] | None = None) -> Transcript:
     """One audio through an async ``submit`` (the service's batcher); ``on_segments`` is awaited
-    with the segments each window adds (for streaming responses)."""
-    job = LongForm(engine, audio, options)
+    with the segments each round adds (for streaming responses; ``chunked`` has them all at the end)."""
+    job = make_job(engine, audio, options)
+    sent = 0
     while not job.done:
-        before = len(job.segments)
-        job.apply(await submit(job.next_request()))
-        if on_segments is not None and len(job.segments) > before:
-            await on_segments(job.segments[before:])
+        requests = job.pending(max(job.wants(), 1))
+        job.take(list(await asyncio.gather(*(submit(r) for r in requests))))
+        segments = job.segments
+        if on_segments is not None and len(segments) > sent:
+            await on_segments(segments[sent:])
+            sent = len(segments)
     return job.transcript()
 
 
@@ -249,17 +610,28 @@ class FileResult:
         return out
 
 
-def transcribe_files(engine: Engine, paths: Iterable[str | os.PathLike], options: TranscribeOptions) -> list[FileResult]:
-    """Decode and transcribe every file; one that cannot be read gets an ``error`` and the rest go on."""
+def read_files(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[str, np.ndarray | AudioError]]:
+    """``(path, audio)`` for each file, decoded only when pulled; ``(path, AudioError)`` if unreadable."""
+    for path in paths:
+        path = os.fspath(path)
+        try:
+            yield path, decode_audio(path)
+        except AudioError as exc:
+            yield path, exc
+
+
+def transcribe_files(engine: Engine, paths: Iterable[str | os.PathLike], options: TranscribeOptions,
+                     max_rows: int | None = None) -> list[FileResult]:
+    """Decode and transcribe every file; one that cannot be read gets an ``error`` and the rest go on.
+
+    Files are read as room frees up (at most about ``max_rows`` in memory; default:
+    :func:`default_rows`)."""
     files = [os.fspath(p) for p in paths]
     out = [FileResult(f) for f in files]
-    audios, owners = [], []
-    for i, path in enumerate(files):
-        try:
-            audios.append(decode_audio(path))
-            owners.append(i)
-        except AudioError as exc:
-            out[i].error = str(exc)
-    for i, transcript in zip(owners, transcribe_batch(engine, audios, options) if audios else []):
-        out[i].transcript = transcript
+    keyed = ((i, audio) for i, (_, audio) in enumerate(read_files(files)))
+    for i, transcript in run_jobs(engine, keyed, options, max_rows or default_rows(engine)):
+        if isinstance(transcript, Exception):
+            out[i].error = str(transcript)
+        else:
+            out[i].transcript = transcript
     return out
