@@ -290,8 +290,10 @@ class Engine:
             token, s = greedy_step(s, timestamps, max_new, ids, temperature, seed)
             hidden, cache = model.apply(variables, token[:, None], prompt_len + s.step - 1, start, s.cache, cross,
                                         method=Whisper.decode)
-            return s._replace(logits=model.apply(variables, hidden[:, 0], method=Whisper.logits), cache=cache)
+            logits = model.apply(variables, hidden[:, 0], projection, method=Whisper.logits)
+            return s._replace(logits=logits, cache=cache)
 
+        projection = model.apply(variables, method=Whisper.output_projection)
         final = jax.lax.while_loop(cond, body, state)
         return {
             "tokens": final.tokens,

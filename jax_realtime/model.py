@@ -32,19 +32,40 @@ def _split_heads(x, n_head: int):
     return x.reshape(batch, length, n_head, d_model // n_head).transpose(0, 2, 1, 3)
 
 
+QUERY_BLOCK = 512  # longest run of queries attended at once (see _attend)
+
+
 def _attend(q, k, v, mask=None):
     """Scaled dot-product attention. q: [B, H, Sq, Dh], k/v: [B, H, Sk, Dh], mask: [B, Sq, Sk] (True=keep).
 
-    Returns [B, Sq, H * Dh].  The softmax is normalised after multiplying by the values
-    (one division per output instead of per score), which is measurably faster on CPU.
+    Returns [B, Sq, H * Dh].  Long query runs (the encoder's 1000 or 1500 positions) are split into
+    blocks of at most ``QUERY_BLOCK`` attended one after another: the block's scores then stay in
+    cache, which makes a 30 s window's attention about twice as fast on CPU.  The softmax is
+    normalised after multiplying by the values (one division per output instead of per score).
     """
     batch, n_head, s_q, d_head = q.shape
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(d_head**-0.5, q.dtype), k).astype(jnp.float32)
-    if mask is not None:
-        scores = jnp.where(mask[:, None, :, :], scores, _MASKED)
-    weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v)
-    out = out / jnp.sum(weights, axis=-1, keepdims=True).astype(out.dtype)
+    blocks = next(n for n in range(1, s_q + 1) if s_q % n == 0 and s_q // n <= QUERY_BLOCK)
+    q = q * jnp.asarray(d_head**-0.5, q.dtype)
+
+    def attend(q_block, mask_block):
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q_block, k).astype(jnp.float32)
+        if mask_block is not None:
+            scores = jnp.where(mask_block[:, None, :, :], scores, _MASKED)
+        weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+        out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v)
+        return out / jnp.sum(weights, axis=-1, keepdims=True).astype(out.dtype)
+
+    if blocks == 1:
+        out = attend(q, mask)
+    else:
+        size = s_q // blocks
+        q_blocks = q.reshape(batch, n_head, blocks, size, d_head).transpose(2, 0, 1, 3, 4)
+        if mask is None:
+            out = jax.lax.map(lambda qb: attend(qb, None), q_blocks)
+        else:
+            mask_blocks = mask.reshape(batch, blocks, size, mask.shape[-1]).transpose(1, 0, 2, 3)
+            out = jax.lax.map(lambda a: attend(*a), (q_blocks, mask_blocks))
+        out = out.transpose(1, 2, 0, 3, 4).reshape(batch, n_head, s_q, d_head)
     return out.transpose(0, 2, 1, 3).reshape(batch, s_q, n_head * d_head)
 
 
@@ -210,10 +231,20 @@ class TextDecoder(nn.Module):
             new_cache.append(layer_cache)
         return self.ln(x), tuple(new_cache)
 
-    def logits(self, hidden):
+    def output_projection(self):
+        """The output projection ``[d, vocab]``: the token embedding, transposed (tied weights).
+
+        Materialised once per call and reused at every decoding step: reading it row-major
+        (``hidden @ projection``) is markedly faster on CPU than multiplying by the embedding's
+        transpose in place, and the step is bound by reading this matrix.
+        """
+        return jax.lax.optimization_barrier(self.embed_tokens.embedding.T)
+
+    def logits(self, hidden, projection=None):
         """Output projection, tied to the token embedding; float32 logits."""
-        embedding = self.embed_tokens.embedding
-        return jnp.einsum("...d,vd->...v", hidden, embedding.astype(hidden.dtype)).astype(jnp.float32)
+        if projection is None:
+            projection = self.embed_tokens.embedding.T
+        return jnp.dot(hidden, projection.astype(hidden.dtype)).astype(jnp.float32)
 
 
 class Whisper(nn.Module):
@@ -233,8 +264,11 @@ class Whisper(nn.Module):
     def decode(self, tokens, index, start, cache: Cache, cross_kv: Cache):
         return self.decoder(tokens, index, start, cache, cross_kv)
 
-    def logits(self, hidden):
-        return self.decoder.logits(hidden)
+    def output_projection(self):
+        return self.decoder.output_projection()
+
+    def logits(self, hidden, projection=None):
+        return self.decoder.logits(hidden, projection)
 
     def __call__(self, mel, tokens):
         """Full forward pass (used to initialise parameters and to check shapes)."""
