@@ -231,17 +231,12 @@ class TextDecoder(nn.Module):
             new_cache.append(layer_cache)
         return self.ln(x), tuple(new_cache)
 
-    def output_projection(self):
-        """The output projection ``[d, vocab]``: the token embedding, transposed (tied weights).
-
-        Materialised once per call and reused at every decoding step: reading it row-major
-        (``hidden @ projection``) is markedly faster on CPU than multiplying by the embedding's
-        transpose in place, and the step is bound by reading this matrix.
-        """
-        return jax.lax.optimization_barrier(self.embed_tokens.embedding.T)
-
     def logits(self, hidden, projection=None):
-        """Output projection, tied to the token embedding; float32 logits."""
+        """Output projection, tied to the token embedding; float32 logits.
+
+        ``projection`` is the embedding transposed (``[d, vocab]``), when the caller keeps one:
+        reading it row-major is markedly faster on CPU, and a decoding step is bound by reading it.
+        """
         if projection is None:
             projection = self.embed_tokens.embedding.T
         return jnp.dot(hidden, projection.astype(hidden.dtype)).astype(jnp.float32)
@@ -263,9 +258,6 @@ class Whisper(nn.Module):
 
     def decode(self, tokens, index, start, cache: Cache, cross_kv: Cache):
         return self.decoder(tokens, index, start, cache, cross_kv)
-
-    def output_projection(self):
-        return self.decoder.output_projection()
 
     def logits(self, hidden, projection=None):
         return self.decoder.logits(hidden, projection)
