@@ -7,6 +7,8 @@ worker thread (device work never runs on the event loop) and resolves each reque
 
 * Fair: the oldest request is always in the next batch, and a streaming session has at most one
   request pending, so no session can starve another.
+* Batched: a request waits at most ``gather_s`` for others to join its batch (streaming sessions
+  submit on a shared clock tick, so a few milliseconds gather them all).
 * Bounded: at most ``max_pending`` requests wait; beyond that ``submit`` raises :class:`Busy`.
 * Cancellable: ``cancel(owner)`` drops that owner's waiting requests at once; a result for a
   request already on the device is discarded when it arrives.
@@ -58,12 +60,13 @@ class BatchStats:
 
 
 class Batcher:
-    def __init__(self, engine: Engine, max_pending: int = 1024,
+    def __init__(self, engine: Engine, max_pending: int = 1024, gather_s: float = 0.0,
                  on_batch: Callable[[int, int, float], None] | None = None):
         """``on_batch(requests, rows, seconds)`` is called after every engine step (the service's
         metrics): requests decoded, rows of the compiled batch bucket, the step's wall time."""
         self.engine = engine
         self.max_pending = max_pending
+        self.gather_s = gather_s
         self.on_batch = on_batch
         self.stats = BatchStats()
         self._pending: list[_Pending] = []
@@ -96,6 +99,21 @@ class Batcher:
         self.stats.cancelled += len(mine)
         return len(mine)
 
+    async def _gather(self) -> None:
+        """Give requests submitted together a moment to join one batch: wait until the largest
+        bucket is full or the oldest request has waited ``gather_s``."""
+        limit = self.engine.batch_buckets[-1]
+        while self._pending and len(self._pending) < limit and not self._closed:
+            remaining = self._pending[0].enqueued + self.gather_s - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wake.wait()
+            except TimeoutError:
+                return
+
     def _take_batch(self) -> list[_Pending]:
         self._pending = [p for p in self._pending if not p.future.cancelled()]
         if not self._pending:
@@ -111,6 +129,7 @@ class Batcher:
         """The scheduling loop; run it as one background task for the life of the service."""
         loop = asyncio.get_running_loop()
         while not self._closed:
+            await self._gather()
             batch = self._take_batch()
             if not batch:
                 self._wake.clear()

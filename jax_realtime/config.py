@@ -122,6 +122,10 @@ class StreamConfig(BaseModel):
     trim_after_s: float = Field(15.0, gt=0, lt=CHUNK_LENGTH, description="trim the window once it is longer")
     max_window_s: float = Field(float(CHUNK_LENGTH), gt=0, le=CHUNK_LENGTH)
     agreement: int = Field(2, ge=1, le=5, description="hypotheses that must agree before text is sent")
+    holdback_tokens: int = Field(0, ge=0, le=20, description="newest tokens never sent before a later step")
+    # A step decodes on from the committed text; capping what it may add keeps one session's step
+    # from holding a shared batch for long (a step adds a few words; the rest waits for the next).
+    max_step_tokens: int = Field(32, ge=4, le=224)
     no_speech_threshold: float = Field(0.6, ge=0, le=1)
     logprob_threshold: float = -1.0
     compression_ratio_threshold: float = Field(2.4, gt=0)
@@ -189,6 +193,9 @@ class ServerConfig(BaseModel):
     # On SIGTERM/SIGINT: how long running utterances and requests get to finish before the sockets
     # close (keep it below Hypercorn's graceful_timeout when running under the hypercorn command).
     drain_timeout_s: float = Field(25.0, ge=0)
+    # The batcher lets a request wait this long for others to join its batch (sessions step on a
+    # shared clock, so their requests arrive within milliseconds of each other).
+    batch_gather_s: float = Field(0.02, ge=0, le=1.0)
 
     @field_validator("api_keys")
     @classmethod

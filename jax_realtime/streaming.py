@@ -11,9 +11,10 @@ Transcription System", 2023):
   the window (the prompt) and *continuing* the window's committed output (a forced prefix, its
   timestamps included): committed text is never decoded twice and never revised.
 * New text is *committed* (and sent as a delta) once ``agreement`` consecutive hypotheses agree
-  on it: the longest common prefix of their text tokens.  Tokens are compared, text is emitted: a
-  delta is the new part of the decoded committed text, held back while it ends inside a
-  multi-byte character.
+  on it: the longest common prefix of their text tokens, less the last ``holdback_tokens`` of the
+  newest hypothesis (the words at the edge of the audio, which the next step often revises).
+  Tokens are compared, text is emitted: a delta is the new part of the decoded committed text,
+  held back while it ends inside a multi-byte character.
 * Once the window is longer than ``trim_after_s`` it is trimmed at a segment boundary (a pair of
   timestamps) inside the committed output: the text before it moves into the prompt and the
   committed tokens after it are re-timed.  If the window reaches its limit without such a boundary,
@@ -66,6 +67,7 @@ class Window:
     start_s: float  # where the window starts in the utterance
     end_sample: int  # utterance sample index at which the window ends
     fresh: bool = False  # decoded afresh (no prompt, no prefix), to find segment boundaries
+    max_new_tokens: int | None = None  # what this decode may add
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -125,12 +127,15 @@ class Utterance:
             self.done = True
 
     # -- scheduling ----------------------------------------------------------------------------
-    def wants_decode(self) -> bool:
+    def wants_decode(self, min_new_s: float | None = None) -> bool:
+        """Whether a decode is due: the utterance is finishing, or at least ``min_new_s`` (default
+        ``step_s``) of audio arrived since the last window was taken."""
         if self.done:
             return False
         if self.finishing:
             return True
-        return len(self._audio) > 0 and self.pending_samples >= round(self.settings.step_s * SAMPLE_RATE)
+        min_new = self.settings.step_s if min_new_s is None else min_new_s
+        return len(self._audio) > 0 and self.pending_samples >= max(1, round(min_new * SAMPLE_RATE))
 
     def next_window(self) -> Window:
         audio = self._audio[: round(self.settings.max_window_s * SAMPLE_RATE)]
@@ -139,9 +144,13 @@ class Utterance:
         prompt = self._prompt[-self.settings.max_prompt_tokens:] if self.settings.max_prompt_tokens else []
         if self._resegment_due(len(audio)):
             # Without prompt: in an encoder window shorter than 30 s, a previous-text prompt
-            # often keeps Whisper from placing any timestamp (CTranslate2 does the same).
-            return Window(audio, [], [], self._window_start / SAMPLE_RATE, end, fresh=True)
-        return Window(audio, prompt, list(self._committed), self._window_start / SAMPLE_RATE, end)
+            # often keeps Whisper from placing any timestamp (CTranslate2 does the same).  Only
+            # boundaries inside the committed text are of use: a little beyond it is enough.
+            cap = len(self._text(self._committed)) + 16
+            return Window(audio, [], [], self._window_start / SAMPLE_RATE, end, fresh=True, max_new_tokens=cap)
+        full = len(audio) >= round(self.settings.max_window_s * SAMPLE_RATE)  # forced to commit: no cap
+        cap = None if self.finishing or full else self.settings.max_step_tokens
+        return Window(audio, prompt, list(self._committed), self._window_start / SAMPLE_RATE, end, max_new_tokens=cap)
 
     def _resegment_due(self, window_samples: int) -> bool:
         """A long window whose committed output has no segment boundary to trim at.
@@ -180,7 +189,7 @@ class Utterance:
         if len(self._history) == s.agreement:
             texts = [self._text(h) for h in self._history]
             stable = min(_common_prefix(t, texts[-1]) for t in texts)
-            self._commit_text(stable)
+            self._commit_text(min(stable, len(texts[-1]) - s.holdback_tokens))
         continuation = self._history[-1]  # what is left of it after the commit
 
         # A window decoded before final:true arrived does not cover the audio sent since: it only

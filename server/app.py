@@ -140,7 +140,7 @@ def create_app(config: ServiceConfig | str | os.PathLike | None = None) -> Quart
         started = time.perf_counter()
         engine = await asyncio.to_thread(Engine, config.engine)
         warmup = await asyncio.to_thread(engine.warmup)
-        batcher = Batcher(engine, on_batch=metrics.observe_batch)
+        batcher = Batcher(engine, gather_s=config.server.batch_gather_s, on_batch=metrics.observe_batch)
         service = Service(config, engine, batcher, model_names(config, engine), time.time(), warmup, metrics)
         metrics.attach(service)
         app.extensions["jax_realtime"] = service

@@ -265,6 +265,16 @@ class RealtimeConnection:
             self._utterance.drop_pending()
 
     # -- the utterance ----------------------------------------------------------------------------
+    async def _next_tick(self) -> None:
+        """Wait for the next tick of a clock shared by every session (one tick per ``step_s``).
+
+        Sessions that step on the same tick submit together, so the batcher decodes them in one
+        batch instead of one after another; a session waits at most one step for its tick.
+        """
+        step = self.service.config.stream.step_s
+        now = time.monotonic()
+        await asyncio.sleep((-now) % step)
+
     def _start_utterance(self) -> None:
         engine = self.service.engine
         utterance = Utterance(self.service.config.stream, engine.tokenizer, self.prompt_tokens)
@@ -281,14 +291,22 @@ class RealtimeConnection:
         started = time.monotonic()
         first_delta = True
         try:
+            # Steps are taken on a clock shared by all sessions (see _next_tick) once a quarter
+            # step of new audio is there; a finishing utterance is decoded at once.
+            min_new = self.service.config.stream.step_s / 4
             while not utterance.done:
-                if not utterance.wants_decode():
+                if not utterance.wants_decode(min_new):
                     self._audio_arrived.clear()
                     await self._audio_arrived.wait()
                     continue
+                if not utterance.finishing:
+                    await self._next_tick()
+                    if not utterance.wants_decode(min_new):
+                        continue
                 window = utterance.next_window()
                 request = DecodeRequest(window.audio, session.language, session.task, timestamps=True,
-                                        prompt=window.prompt, prefix=window.prefix)
+                                        prompt=window.prompt, prefix=window.prefix,
+                                        max_new_tokens=window.max_new_tokens)
                 newest_audio = self._last_audio  # the window holds everything appended until now
                 result = await self.service.batcher.submit(self.id, request)
                 delta = utterance.apply(window, result)
