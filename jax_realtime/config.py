@@ -59,7 +59,7 @@ class EngineConfig(BaseModel):
     """What the engine compiles and how.
 
     * ``batch_buckets``: batch sizes the engine compiles; a call is padded up to the smallest that
-      fits (rounded up to a multiple of the device count).
+      fits (rounded up to a multiple of the data-parallel device count).
     * ``window_buckets``: encoder windows in seconds.  Whisper's window is 30 s; shorter windows
       encode only the first ``W * 100`` mel frames and ``W * 50`` positions, which is much cheaper
       and, from 15 s up, as accurate (see ``docs/measurements`` and ``scripts/eval_windows.py``).
@@ -81,6 +81,9 @@ class EngineConfig(BaseModel):
     # encoder is slower than one row after another: its attention no longer fits in cache),
     # the whole batch elsewhere.
     encoder_rows: int | None = Field(None, ge=1)
+    # Devices that hold one copy of the model between them (tensor parallelism, see
+    # sharding.param_partition); 1: every device holds all parameters.  Must divide the device count.
+    model_parallelism: int = Field(1, ge=1)
     cache_dir: str = Field(default_factory=default_cache_dir)
     compilation_cache: bool = True
 

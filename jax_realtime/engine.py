@@ -133,7 +133,7 @@ class DecodeResult:
     seek_s: float  # timestamp mode: where the next window should start
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, order=True)
 class Bucket:
     batch: int
     window_s: float
@@ -180,7 +180,7 @@ class Engine:
         self.ids = DecodingIds.from_tokenizer(self.tokenizer, self.dims.n_vocab)
         self.dtype = jnp.dtype(self.config.dtype)
         self.model = Whisper(self.dims, self.dtype)
-        self.mesh = sharding.make_mesh(devices)
+        self.mesh = sharding.make_mesh(devices, self.config.model_parallelism)
         # The decoder's output projection is the token embedding transposed; a row-major copy
         # (kept beside the parameters, ~vocab x d more memory) makes every decoding step faster.
         projection = np.ascontiguousarray(ckpt.params["decoder"]["embed_tokens"]["embedding"].T)
@@ -200,7 +200,7 @@ class Engine:
         self._executables: dict[Bucket, jax.stages.Compiled] = {}
         self._compile_lock = threading.Lock()
         batch_spec = sharding.batch_sharded(self.mesh)
-        param_spec = jax.tree_util.tree_map(lambda _: sharding.replicated(self.mesh), self.weights)
+        param_spec = jax.tree_util.tree_map(lambda x: x.sharding, self.weights)
         self._jitted = jax.jit(
             self._run_bucket,
             in_shardings=(param_spec,) + (batch_spec,) * 10,
@@ -225,7 +225,11 @@ class Engine:
                 started = time.perf_counter()
                 args = [jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharded(self.mesh))
                         for shape, dtype in self._arg_shapes(bucket)]
-                self._executables[bucket] = self._jitted.lower(self.weights, *args).compile()
+                # float32 means float32 on every backend: GPUs would otherwise use TF32 and TPUs
+                # bfloat16 passes for float32 matrix products (CPUs compute float32 either way)
+                precision = "highest" if self.dtype == jnp.float32 else "default"
+                with jax.default_matmul_precision(precision):
+                    self._executables[bucket] = self._jitted.lower(self.weights, *args).compile()
                 log.info("compiled %s in %.1f s", bucket, time.perf_counter() - started)
             return self._executables[bucket]
 
@@ -477,12 +481,27 @@ class Engine:
     def languages(self) -> list[str]:
         return list(self.tokenizer.language_ids) if self.dims.multilingual else ["en"]
 
+    def memory(self) -> dict:
+        """Device memory, in bytes per device, as XLA accounts for it: the parameters (the part
+        each device holds), and for every compiled bucket the rest of what a call needs at its
+        peak (its other inputs, outputs and temporaries: encoder activations, KV caches, logits)."""
+        params = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree_util.tree_leaves(self.weights))
+        buckets = {}
+        for bucket, compiled in sorted(self._executables.items()):
+            stats = compiled.memory_analysis()
+            if stats is None:  # a backend without the analysis
+                continue
+            buckets[bucket] = (stats.argument_size_in_bytes - params + stats.output_size_in_bytes
+                               + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+        return {"params": params, "buckets": buckets}
+
     def describe(self) -> dict:
         return {
             "model": self.name,
             "dims": dataclasses.asdict(self.dims),
             "dtype": str(self.dtype),
             "devices": [str(d) for d in self.mesh.devices.flat],
+            "mesh": dict(self.mesh.shape),
             "batch_buckets": list(self.batch_buckets),
             "window_buckets": list(self.window_buckets),
             "prompt_buckets": list(self.prompt_buckets),

@@ -2,8 +2,9 @@
 
 One code path for one device or many, one process or many: a 2-D mesh ``("data", "model")`` over
 every device the JAX runtime sees (all hosts, under ``jax.distributed``).  Batches are split along
-``data``; parameters are replicated today, and the ``model`` axis (size 1) is where they can be
-split later.
+``data``.  Parameters are replicated over ``data``; along ``model`` (size ``model_parallelism``,
+1 by default) each large matrix is split in Megatron's pattern (:func:`param_partition`), so a
+model too large for one device's memory is spread over several.
 
 Under ``jax.distributed`` each process holds only the rows of a batch that belong to its own
 devices: :func:`put_batch` builds the global array from them
@@ -23,9 +24,14 @@ DATA = "data"
 MODEL = "model"
 
 
-def make_mesh(devices=None) -> Mesh:
+def make_mesh(devices=None, model_parallelism: int = 1) -> Mesh:
+    """``(data, model)`` over ``devices`` (default: all), ``model_parallelism`` devices per model
+    replica.  Devices that share a replica are neighbours in ``jax.devices()`` order (one host, the
+    fastest links)."""
     devices = list(jax.devices() if devices is None else devices)
-    return Mesh(np.array(devices).reshape(len(devices), 1), (DATA, MODEL))
+    if model_parallelism < 1 or len(devices) % model_parallelism:
+        raise ValueError(f"model_parallelism {model_parallelism} does not divide the {len(devices)} devices")
+    return Mesh(np.array(devices).reshape(len(devices) // model_parallelism, model_parallelism), (DATA, MODEL))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -55,17 +61,67 @@ def local_batch(mesh: Mesh, batch: int) -> int:
     return batch // n_data * local_data_parallelism(mesh)
 
 
-def put_params(params, mesh: Mesh, dtype):
-    """Place the parameter tree on every device, cast to the compute dtype.
+# Megatron-style tensor parallelism: the first matrix of each block splits its output features,
+# the second its input features, so each block needs one reduction.  Dense kernels are [in, out].
+_SPLIT_OUTPUT = frozenset({"qkv", "q", "kv", "fc1"})  # attention projections in, MLP in
+_SPLIT_INPUT = frozenset({"out", "fc2"})  # attention projection out, MLP out
 
-    Every process passes the same full tree (each loads the checkpoint itself).
+
+def param_partition(path: tuple[str, ...], shape: tuple[int, ...], n_model: int) -> P:
+    """How the parameter at ``path`` (keys in the tree) is laid out along ``model``.
+
+    Attention and MLP matrices (and the biases of the split outputs) are split as above; the token
+    embedding and the output projection along the vocabulary; everything small (layer norms,
+    convolutions, position embeddings, biases of summed outputs) is replicated.  A dimension that
+    ``n_model`` does not divide is not split (XLA would pad it; replication is simpler and the
+    matrices in question are tiny).
+    """
+    if n_model == 1 or not shape:
+        return P()
+    owner, leaf = (path[-2] if len(path) > 1 else ""), path[-1]
+    if path == ("projection",):  # [d, vocab]
+        axis = 1
+    elif leaf == "embedding" and owner == "embed_tokens":  # [vocab, d]
+        axis = 0
+    elif owner in _SPLIT_OUTPUT and leaf in ("kernel", "bias"):
+        axis = len(shape) - 1
+    elif owner in _SPLIT_INPUT and leaf == "kernel":
+        axis = 0
+    else:
+        return P()
+    if shape[axis] % n_model:
+        return P()
+    spec = [None] * len(shape)
+    spec[axis] = MODEL
+    return P(*spec)
+
+
+def param_shardings(params, mesh: Mesh):
+    """A tree of :class:`NamedSharding` for ``params`` (numpy arrays or shapes) on ``mesh``."""
+    n_model = mesh.shape[MODEL]
+
+    def one(path, x):
+        keys = tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
+        return NamedSharding(mesh, param_partition(keys, tuple(np.shape(x)), n_model))
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def put_params(params, mesh: Mesh, dtype):
+    """Place the parameter tree on the mesh (:func:`param_shardings`), cast to the compute dtype.
+
+    Every process passes the same full tree (each loads the checkpoint itself); each device
+    receives only its part.
     """
     import jax.numpy as jnp
 
-    sharding = replicated(mesh)
     host_dtype = jnp.dtype(dtype)  # cast on the host (ml_dtypes), so loading compiles nothing
-    return jax.tree_util.tree_map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x, host_dtype)), params)
+
+    def put(x, where):
+        x = np.asarray(x, host_dtype)
+        return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
+
+    return jax.tree_util.tree_map(put, params, param_shardings(params, mesh))
 
 
 def put_batch(arrays, mesh: Mesh, batch: int):

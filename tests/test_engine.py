@@ -11,9 +11,11 @@ import textwrap
 
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from conftest import ROOT, load_clip, load_refs
 
+from jax_realtime import sharding
 from jax_realtime.audio import SAMPLE_RATE
 from jax_realtime.engine import DecodeRequest, compile_stats
 
@@ -126,11 +128,17 @@ SHARDING_SCRIPT = textwrap.dedent(
     requests = [DecodeRequest(a, timestamps=(i % 2 == 1)) for i, a in enumerate(clips)]
     sharded = Engine(config)
     single = Engine(config, devices=jax.devices()[:1])
+    tensor = Engine(config.model_copy(update={{"model_parallelism": 2}}))  # 2 replicas, each on 2 devices
+    fc1 = tensor.weights["params"]["decoder"]["layers_0"]["mlp"]["fc1"]["kernel"]
     print(json.dumps({{
         "mesh": dict(sharded.mesh.shape),
         "batch_buckets": list(sharded.batch_buckets),
         "sharded": [r.tokens for r in sharded.decode(requests)],
         "single": [r.tokens for r in single.decode(requests)],
+        "tensor_mesh": dict(tensor.mesh.shape),
+        "tensor": [r.tokens for r in tensor.decode(requests)],
+        "fc1_shard": list(fc1.addressable_shards[0].data.shape), "fc1": list(fc1.shape),
+        "params_bytes": [single.memory()["params"], tensor.memory()["params"]],
     }}))
     """
 )
@@ -146,6 +154,26 @@ def test_sharded_over_four_devices_matches_one_device():
     assert out["batch_buckets"] == [4]
     assert out["sharded"] == out["single"]
     assert all(out["sharded"])
+    # parameters split over the model axis: half of each large matrix per device, same tokens
+    assert out["tensor_mesh"] == {"data": 2, "model": 2}
+    assert out["fc1_shard"] == [out["fc1"][0], out["fc1"][1] // 2]
+    assert out["params_bytes"][1] < 0.6 * out["params_bytes"][0]
+    assert out["tensor"] == out["single"]
+
+
+@pytest.mark.parametrize("path, shape, n_model, spec", [
+    (("decoder", "layers_0", "attn", "qkv", "kernel"), (384, 1152), 2, P(None, "model")),
+    (("decoder", "layers_0", "attn", "qkv", "bias"), (1152,), 2, P("model")),
+    (("encoder", "layers_3", "mlp", "fc2", "kernel"), (1536, 384), 4, P("model", None)),
+    (("encoder", "layers_3", "mlp", "fc2", "bias"), (384,), 4, P()),  # added after the reduction
+    (("decoder", "embed_tokens", "embedding"), (51864, 384), 2, P("model", None)),
+    (("decoder", "embed_tokens", "embedding"), (51865, 384), 2, P()),  # does not divide: replicated
+    (("projection",), (384, 51864), 8, P(None, "model")),
+    (("encoder", "layers_0", "attn_ln", "scale"), (384,), 2, P()),
+    (("decoder", "layers_0", "mlp", "fc1", "kernel"), (384, 1536), 1, P()),
+])
+def test_param_partition(path, shape, n_model, spec):
+    assert sharding.param_partition(path, shape, n_model) == spec
 
 
 @pytest.mark.parametrize("timestamps", [False, True])
