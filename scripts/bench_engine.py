@@ -14,6 +14,17 @@ Reports audio-seconds per wall-second (higher is better) and WER for
 
 Every system decodes greedily (beam 1, temperature 0 only), without timestamps, with no VAD, on
 all cores.  The clips are decoded once untimed (warm caches, allocations) and then timed.
+
+On an accelerator (faster-whisper is CPU-only here: ``--systems jax``):
+
+    python scripts/bench_engine.py --systems jax --dtype bfloat16 --batches 1 8 32
+    python scripts/bench_engine.py --systems jax --random large-v3 --dtype bfloat16 --windows 30
+
+``--random SIZE`` runs an official model size with random weights (no download: speed and memory
+only, no WER).  A random model never ends its text, so each clip is decoded to
+``--random-tokens-per-s`` tokens per second of audio (default 3, about what English speech gives).
+For every run the engine's device memory is printed: parameters per device and, per compiled
+bucket, XLA's figure for the rest of a call (``Engine.memory``).
 """
 
 from __future__ import annotations
@@ -41,24 +52,65 @@ def timed(fn):
     return out, time.perf_counter() - started
 
 
-def bench_jax(audio, batch: int, windows, model: str, cache_dir: str) -> dict:
+# openai-whisper's sizes: (n_mels, audio layers, width, heads, text layers); 1500 audio and 448 text positions
+SIZES = {
+    "tiny": (80, 4, 384, 6, 4), "base": (80, 6, 512, 8, 6), "small": (80, 12, 768, 12, 12),
+    "medium": (80, 24, 1024, 16, 24), "large-v2": (80, 32, 1280, 20, 32), "large-v3": (128, 32, 1280, 20, 32),
+    "large-v3-turbo": (128, 32, 1280, 20, 4),
+}
+
+
+def random_checkpoint(size: str, tokenizer_model: str):
+    """An official model size with random weights and ``tokenizer_model``'s tokenizer and vocabulary."""
+    import jax
+
+    from jax_realtime.config import ModelDims
+    from jax_realtime.model import param_shapes
+    from jax_realtime.weights import Checkpoint, load_checkpoint
+
+    real = load_checkpoint(tokenizer_model)
+    n_mels, n_audio_layer, width, heads, n_text_layer = SIZES[size]
+    dims = ModelDims(n_mels, real.dims.n_vocab, 1500, width, heads, n_audio_layer, 448, width, heads, n_text_layer)
+    rng = np.random.default_rng(0)
+
+    def init(path, shape):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['scale']"):  # layer norms
+            return np.ones(shape.shape, np.float32)
+        return (rng.standard_normal(shape.shape, np.float32) * 0.02).astype(np.float32)
+
+    params = jax.tree_util.tree_map_with_path(init, param_shapes(dims))
+    return Checkpoint(f"{size}-random", dims, params, real.tokenizer_file, "random weights")
+
+
+def bench_jax(audio, batch: int, windows, model: str, cache_dir: str, dtype: str = "float32",
+              model_parallelism: int = 1, checkpoint=None, tokens_per_s: float | None = None) -> dict:
     import jax
 
     from jax_realtime.config import EngineConfig
     from jax_realtime.engine import DecodeRequest, Engine
 
-    config = EngineConfig(model=model, batch_buckets=(batch,), window_buckets=tuple(windows), prompt_buckets=(8,),
-                          cache_dir=cache_dir)
-    engine = Engine(config)
+    config = EngineConfig(model=model, dtype=dtype, batch_buckets=(batch,), window_buckets=tuple(windows),
+                          prompt_buckets=(8,), cache_dir=cache_dir, model_parallelism=model_parallelism,
+                          window_fallback=checkpoint is None)  # random output always looks degenerate
+    engine = Engine(config, checkpoint)
     cold = engine.warmup()
-    restarted = Engine(config)  # a second start: programs come from the persistent cache
+    restarted = Engine(config, checkpoint)  # a second start: programs come from the persistent cache
     warm = restarted.warmup()
-    requests = [DecodeRequest(a) for a in audio]
+    del restarted
+    cap = (lambda a: max(1, round(tokens_per_s * len(a) / SAMPLE_RATE))) if tokens_per_s else (lambda a: None)
+    requests = [DecodeRequest(a, max_new_tokens=cap(a)) for a in audio]
     engine.decode(requests[: 2 * batch])  # first executions allocate
     results, seconds = timed(lambda: engine.decode(requests))
+    memory = engine.memory()
+    mib = 2 ** 20
+    buckets = ", ".join(f"{b.window_s:g} s {n / mib:.0f}" for b, n in memory["buckets"].items())
+    note = (f"compile {cold:.1f} s cold, {warm:.1f} s from cache ({len(engine.buckets)} buckets); "
+            f"MiB per device: params {memory['params'] / mib:.0f}, per call {buckets}")
+    tokens = sum(len(r.tokens) for r in results)
+    del engine
     jax.clear_caches()
-    return {"texts": [r.text for r in results], "seconds": seconds,
-            "note": f"compile {cold:.1f} s cold, {warm:.1f} s from cache ({len(engine.buckets)} buckets)"}
+    return {"texts": [r.text for r in results], "seconds": seconds, "tokens": tokens, "note": note}
 
 
 def _fw_model(model: str, compute_type: str):
@@ -116,24 +168,37 @@ def main() -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--windows", nargs="+", type=float, default=[10.0, 20.0, 30.0])
     parser.add_argument("--compute-types", nargs="+", default=["float32", "int8"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="jax only")
+    parser.add_argument("--model-parallelism", type=int, default=1, help="jax only: devices per model replica")
+    parser.add_argument("--random", choices=sorted(SIZES), help="jax only: this size with random weights")
+    parser.add_argument("--random-tokens-per-s", type=float, default=3.0)
     parser.add_argument("--limit", type=int, default=0)
     args = parser.parse_args()
+    if args.random and args.systems != ["jax"]:
+        parser.error("--random runs this engine only: add --systems jax")
 
     refs = load_refs(args.refs, "en")
     if args.limit:
         refs = refs[: args.limit]
     audio = [decode_audio(r["wav"]) for r in refs]
     total = sum(len(a) for a in audio) / SAMPLE_RATE
+    import jax
+
     print(f"{len(refs)} English clips, {total:.0f} s of audio; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores")
+          f"{os.cpu_count()} cores; jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}")
+    checkpoint = random_checkpoint(args.random, args.model) if args.random else None
+    label = f"{args.random} (random weights)" if args.random else args.model
 
     rows = []
     with tempfile.TemporaryDirectory() as cache_dir:
         for system in args.systems:
             if system == "jax":
                 for batch in args.batches:
-                    rows.append((f"jax-realtime, windows {'/'.join(f'{w:g}' for w in args.windows)} s", batch,
-                                 bench_jax(audio, batch, args.windows, args.model, cache_dir)))
+                    rows.append((f"jax-realtime {label} {args.dtype}, windows "
+                                 f"{'/'.join(f'{w:g}' for w in args.windows)} s", batch,
+                                 bench_jax(audio, batch, args.windows, args.model, cache_dir, args.dtype,
+                                           args.model_parallelism, checkpoint,
+                                           args.random_tokens_per_s if args.random else None)))
             elif system == "fw-seq":
                 for ct in args.compute_types:
                     rows.append((f"faster-whisper {ct}, sequential", 1, bench_fw_sequential(audio, args.model, ct)))
@@ -149,7 +214,10 @@ def main() -> int:
     print(f"\n| system | batch | audio s / wall s | WER % | notes |\n|---|---|---|---|---|")
     for name, batch, row in rows:
         wer = score(refs, dict(zip((r["id"] for r in refs), row["texts"])))["overall"]["wer"]
-        print(f"| {name} | {batch} | {total / row['seconds']:.1f} | {wer:.2f} | {row['note']} |")
+        wer_cell = "-" if args.random else f"{wer:.2f}"
+        if args.random:
+            row["note"] += f"; {row['tokens'] / row['seconds']:.0f} tokens/s"
+        print(f"| {name} | {batch} | {total / row['seconds']:.1f} | {wer_cell} | {row['note']} |")
     return 0
 
 
