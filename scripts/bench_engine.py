@@ -144,7 +144,7 @@ def bench_fw_batched(audio, model: str, compute_type: str, batch: int) -> dict:
     pipeline = BatchedInferencePipeline(_fw_model(model, compute_type))
     joined = np.concatenate(audio)
     bounds = np.cumsum([0] + [len(a) for a in audio])
-    clips = [{"start": int(s), "end": int(e)} for s, e in zip(bounds[:-1], bounds[1:])]
+    clips = [{"start": s / SAMPLE_RATE, "end": e / SAMPLE_RATE} for s, e in zip(bounds[:-1], bounds[1:])]  # seconds
 
     def run(samples, clip_list):
         segments, _ = pipeline.transcribe(samples, beam_size=1, temperature=0.0, without_timestamps=True,
@@ -190,26 +190,27 @@ def main() -> int:
     label = f"{args.random} (random weights)" if args.random else args.model
 
     rows = []
+
+    def add(name: str, batch: int, row: dict) -> None:
+        rows.append((name, batch, row))
+        print(f"  done: {name} batch {batch}: {total / row['seconds']:.1f}x", flush=True)
+
     with tempfile.TemporaryDirectory() as cache_dir:
         for system in args.systems:
             if system == "jax":
                 for batch in args.batches:
-                    rows.append((f"jax-realtime {label} {args.dtype}, windows "
-                                 f"{'/'.join(f'{w:g}' for w in args.windows)} s", batch,
-                                 bench_jax(audio, batch, args.windows, args.model, cache_dir, args.dtype,
-                                           args.model_parallelism, checkpoint,
-                                           args.random_tokens_per_s if args.random else None)))
+                    add(f"jax-realtime {label} {args.dtype}, windows {'/'.join(f'{w:g}' for w in args.windows)} s",
+                        batch, bench_jax(audio, batch, args.windows, args.model, cache_dir, args.dtype,
+                                         args.model_parallelism, checkpoint,
+                                         args.random_tokens_per_s if args.random else None))
             elif system == "fw-seq":
                 for ct in args.compute_types:
-                    rows.append((f"faster-whisper {ct}, sequential", 1, bench_fw_sequential(audio, args.model, ct)))
+                    add(f"faster-whisper {ct}, sequential", 1, bench_fw_sequential(audio, args.model, ct))
             elif system == "fw-batched":
                 for ct in args.compute_types:
-                    rows.append((f"faster-whisper {ct}, BatchedInferencePipeline", 8,
-                                 bench_fw_batched(audio, args.model, ct, 8)))
+                    add(f"faster-whisper {ct}, BatchedInferencePipeline", 8, bench_fw_batched(audio, args.model, ct, 8))
             else:
                 parser.error(f"unknown system {system}")
-            name, batch, row = rows[-1]
-            print(f"  done: {name} batch {batch}: {total / row['seconds']:.1f}x", flush=True)
 
     print(f"\n| system | batch | audio s / wall s | WER % | notes |\n|---|---|---|---|---|")
     for name, batch, row in rows:
