@@ -150,8 +150,10 @@ def bench_fw_batched(audio, model: str, compute_type: str, batch: int) -> dict:
         segments, _ = pipeline.transcribe(samples, beam_size=1, temperature=0.0, without_timestamps=True,
                                           clip_timestamps=clip_list, batch_size=batch)
         texts = [""] * len(clip_list)
-        for seg in segments:  # each clip is its own chunk; map a segment back by its start time
-            index = int(np.searchsorted(bounds, seg.start * SAMPLE_RATE + 1, side="right")) - 1
+        for seg in segments:  # each clip is its own chunk; map a segment back by its middle
+            # (its start is rounded to milliseconds and may fall a few samples before its clip)
+            middle = (seg.start + seg.end) / 2 * SAMPLE_RATE
+            index = int(np.searchsorted(bounds, middle, side="right")) - 1
             texts[min(index, len(texts) - 1)] += seg.text
         return texts
 
