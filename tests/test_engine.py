@@ -109,6 +109,16 @@ def test_bad_requests_are_rejected_with_a_reason(tiny_engine, request_kwargs, me
         tiny_engine.decode([DecodeRequest(**request_kwargs)])
 
 
+def test_max_new_tokens_stops_a_request_early(tiny_engine, english_clips):
+    clips = english_clips[:3]
+    full = tiny_engine.decode([DecodeRequest(a, timestamps=True) for a in clips])
+    capped = tiny_engine.decode([DecodeRequest(a, timestamps=True, max_new_tokens=5) for a in clips])
+    assert all(len(f.tokens) > 5 for f in full)
+    assert [c.tokens for c in capped] == [f.tokens[:5] for f in full]  # greedy: the same first tokens
+    assert all(c.truncated and not c.hit_token_limit for c in capped)
+    assert not any(f.truncated for f in full)
+
+
 def test_every_bucket_is_compiled_by_warmup(tiny_engine):
     assert tiny_engine.describe()["compiled_buckets"] == len(tiny_engine.buckets) == 2 * 2 * 2
 
