@@ -34,10 +34,6 @@ def make_mesh(devices=None, model_parallelism: int = 1) -> Mesh:
     return Mesh(np.array(devices).reshape(len(devices) // model_parallelism, model_parallelism), (DATA, MODEL))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
 def batch_sharded(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over ``data``; the rest replicated."""
     return NamedSharding(mesh, P(DATA))
