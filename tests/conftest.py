@@ -58,3 +58,24 @@ def tiny_checkpoint_dir() -> str:
     from jax_realtime.weights import resolve
 
     return os.path.dirname(resolve("tiny.en").weight_files[0])
+
+
+def encode_with_av(stereo: np.ndarray, container: str, codec: str, rate: int) -> bytes:
+    """Stereo 16 kHz audio (``[samples, 2]``) resampled to ``rate`` and written by FFmpeg (PyAV) in
+    a container libsndfile cannot read (m4a/AAC, webm/Opus)."""
+    import io
+
+    import av
+    import soxr
+
+    resampled = np.ascontiguousarray(soxr.resample(stereo, 16000, rate).astype(np.float32))
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate, layout="stereo")
+        frame = av.AudioFrame.from_ndarray(resampled.reshape(1, -1), format="flt", layout="stereo")
+        frame.sample_rate = rate
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 import soxr
 
-from conftest import DATA, load_clip, load_refs
+from conftest import DATA, encode_with_av, load_clip, load_refs
 
 from jax_realtime.audio import (
     N_FRAMES,
@@ -160,28 +160,13 @@ def test_decode_from_bytes_at_44k_stereo(clip):
     assert np.abs(decoded).max() == pytest.approx(0.25 * np.abs(clip).max(), rel=0.05)
 
 
-def _encode_with_av(audio: np.ndarray, container: str, codec: str, rate: int) -> bytes:
-    """Stereo ``audio`` at ``rate`` in a container libsndfile cannot read, written by FFmpeg (PyAV)."""
-    av = pytest.importorskip("av")
-    resampled = np.ascontiguousarray(soxr.resample(audio, SAMPLE_RATE, rate).astype(np.float32))
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=container) as out:
-        stream = out.add_stream(codec, rate=rate, layout="stereo")
-        frame = av.AudioFrame.from_ndarray(resampled.reshape(1, -1), format="flt", layout="stereo")
-        frame.sample_rate = rate
-        for packet in stream.encode(frame):
-            out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize("container,codec,rate,ext", [("mp4", "aac", 44100, "m4a"), ("webm", "libopus", 48000, "webm")])
 def test_decode_ffmpeg_containers(tmp_path, clip, container, codec, rate, ext):
     """m4a/AAC and webm/Opus (what phones and browsers record) go through PyAV: mono 16 kHz, the
     channels averaged, from bytes, a path and a file object alike."""
     stereo = np.stack([clip, -0.5 * clip], axis=1)
-    data = _encode_with_av(stereo, container, codec, rate)
+    pytest.importorskip("av")
+    data = encode_with_av(stereo, container, codec, rate)
     with pytest.raises(sf.LibsndfileError):
         sf.read(io.BytesIO(data))
     path = tmp_path / f"clip.{ext}"

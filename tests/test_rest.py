@@ -46,7 +46,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from conftest import TEST_BUCKETS, load_clip, load_refs
+from conftest import TEST_BUCKETS, encode_with_av, load_clip, load_refs
 from jax_realtime.audio import decode_audio
 from jax_realtime.evaluation import normalize, wer
 from jax_realtime.transcribe import TranscribeOptions, transcribe_batch
@@ -83,25 +83,6 @@ def encode(audio: np.ndarray, fmt: str = "WAV", subtype: str = "PCM_16", rate: i
     with sf.SoundFile(buf, "w", rate, 1 if audio.ndim == 1 else audio.shape[1], format=fmt, subtype=subtype) as f:
         for i in range(0, len(audio), rate):
             f.write(audio[i:i + rate])
-    return buf.getvalue()
-
-
-def encode_av(audio: np.ndarray, container: str, codec: str, rate: int) -> bytes:
-    """Stereo ``audio`` at ``rate`` through FFmpeg (PyAV): m4a/AAC, webm/Opus."""
-    import av
-    import soxr
-
-    stereo = np.stack([audio, 0.5 * audio], axis=1)
-    resampled = np.ascontiguousarray(soxr.resample(stereo, 16000, rate).astype(np.float32))
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=container) as out:
-        stream = out.add_stream(codec, rate=rate, layout="stereo")
-        frame = av.AudioFrame.from_ndarray(resampled.reshape(1, -1), format="flt", layout="stereo")
-        frame.sample_rate = rate
-        for packet in stream.encode(frame):
-            out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
     return buf.getvalue()
 
 
@@ -379,12 +360,13 @@ def test_common_audio_formats(server, kind):
     """The same speech in the containers clients send (44.1/48 kHz stereo for m4a/webm, decoded
     through FFmpeg): transcribed like the WAV (lossless: identical text)."""
     audio = clip(MEDIUM)
+    stereo = np.stack([audio, 0.5 * audio], axis=1)
     data = {
         "flac": lambda: encode(audio, "FLAC", "PCM_16"),
         "ogg": lambda: encode(audio, "OGG", "VORBIS"),
         "mp3": lambda: encode(audio, "MP3", "MPEG_LAYER_III"),
-        "m4a": lambda: encode_av(audio, "mp4", "aac", 44100),
-        "webm": lambda: encode_av(audio, "webm", "libopus", 48000),
+        "m4a": lambda: encode_with_av(stereo, "mp4", "aac", 44100),
+        "webm": lambda: encode_with_av(stereo, "webm", "libopus", 48000),
     }[kind]()
     text = transcribe(server, data, name=f"clip.{kind}").text
     reference = transcribe(server, wav(MEDIUM)).text
