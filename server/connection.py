@@ -265,15 +265,25 @@ class RealtimeConnection:
             self._utterance.drop_pending()
 
     # -- the utterance ----------------------------------------------------------------------------
-    async def _next_tick(self) -> None:
+    async def _next_tick(self, utterance: Utterance) -> None:
         """Wait for the next tick of a clock shared by every session (one tick per ``step_s``).
 
         Sessions that step on the same tick submit together, so the batcher decodes them in one
-        batch instead of one after another; a session waits at most one step for its tick.
+        batch instead of one after another; a session waits at most one step for its tick, and
+        not at all once ``final`` arrives (the finishing decode goes at once).
         """
         step = self.service.config.stream.step_s
-        now = time.monotonic()
-        await asyncio.sleep((-now) % step)
+        deadline = time.monotonic() + (-time.monotonic()) % step
+        while not utterance.finishing:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._audio_arrived.clear()  # set again by an append, a final commit or a drain
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._audio_arrived.wait()
+            except TimeoutError:
+                return
 
     def _start_utterance(self) -> None:
         engine = self.service.engine
@@ -300,7 +310,7 @@ class RealtimeConnection:
                     await self._audio_arrived.wait()
                     continue
                 if not utterance.finishing:
-                    await self._next_tick()
+                    await self._next_tick(utterance)
                     if not utterance.wants_decode(min_new):
                         continue
                 window = utterance.next_window()
