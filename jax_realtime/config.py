@@ -133,8 +133,18 @@ class StreamConfig(BaseModel):
     logprob_threshold: float = -1.0
     compression_ratio_threshold: float = Field(2.4, gt=0)
     silence_keep_s: float = Field(1.0, ge=0)
-    max_prompt_tokens: int = Field(223, ge=0, le=223)
+    # Committed text before the window given as the decoder's prompt (the session's own prompt is
+    # always given).  0 by default: a continuation already carries the window's committed text as
+    # its forced prefix, and a previous-text prompt in a window shorter than 30 s keeps Whisper from
+    # placing the timestamps the window is cut at (measured: scripts/eval_realtime.py, 4x).
+    max_prompt_tokens: int = Field(0, ge=0, le=223)
     keep_audio_after_final: bool = False  # vLLM drops audio appended after final:true
+    # A fresh decode's complete segments past the committed text are committed too (Whisper's seek
+    # rule); off: a fresh decode only finds where to cut inside text the continuations committed.
+    fresh_commits: bool = False
+    # Level the stream as it arrives (audio.Leveller): a quiet passage next to a loud one in the
+    # same window is otherwise skipped by Whisper.
+    level_audio: bool = True
 
     @model_validator(mode="after")
     def _consistent(self) -> "StreamConfig":
@@ -199,6 +209,11 @@ class ServerConfig(BaseModel):
     # The batcher lets a request wait this long for others to join its batch (sessions step on a
     # shared clock, so their requests arrive within milliseconds of each other).
     batch_gather_s: float = Field(0.02, ge=0, le=1.0)
+    # Admission: a realtime session is refused (server_busy) unless the engine's measured load
+    # (capacity.LoadMeter) leaves room for every connected session plus the new one to stream while
+    # the engine stays busy at most this share of the time.
+    target_load: float = Field(0.8, gt=0, le=1.0)
+    admission_control: bool = True  # false: only max_sessions limits sessions (tests, fixed-size fleets)
 
     @field_validator("api_keys")
     @classmethod

@@ -38,6 +38,7 @@ from .audio import CHUNK_LENGTH, SAMPLE_RATE, log_mel_spectrogram, window_sample
 from .config import EngineConfig
 from .decoding import (
     COMPRESSION_RATIO_THRESHOLD,
+    too_dense,
     DecodeState,
     DecodingIds,
     History,
@@ -158,7 +159,7 @@ def looks_degenerate(result: DecodeResult) -> bool:
     """
     n_text = sum(len(segment.tokens) for segment in result.segments)
     return (result.hit_token_limit or result.compression_ratio > COMPRESSION_RATIO_THRESHOLD
-            or n_text > 6 * result.duration_s + 4)
+            or too_dense(n_text, result.duration_s))
 
 
 # -- the engine ----------------------------------------------------------------------------------

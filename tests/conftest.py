@@ -54,6 +54,15 @@ def tiny_engine(engine_config):
 
 
 @pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """tiny.en's tokenizer alone (no engine to compile): for the pure streaming policy."""
+    from jax_realtime.tokenizer import WhisperTokenizer
+    from jax_realtime.weights import resolve
+
+    return WhisperTokenizer(resolve("tiny.en").tokenizer_file, multilingual=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint_dir() -> str:
     from jax_realtime.weights import resolve
 
