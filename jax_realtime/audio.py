@@ -7,6 +7,7 @@ runs inside the engine's compiled function; it matches transformers' ``WhisperFe
 
 from __future__ import annotations
 
+import collections
 import functools
 import io
 import math
@@ -170,3 +171,79 @@ def log_mel_spectrogram(audio, n_mels: int):
     log_spec = jnp.log10(jnp.maximum(mel, 1e-10))
     log_spec = jnp.maximum(log_spec, log_spec.max(axis=(1, 2), keepdims=True) - 8.0)
     return (log_spec + 4.0) / 4.0
+
+
+class Leveller:
+    """Slow automatic gain for a live stream, so that every stretch of speech reaches Whisper at a
+    similar level.
+
+    Why: Whisper normalises each window by its loudest moment (the log-mel spectrogram's dynamic
+    range is measured from the window's maximum), and a passage 40 dB quieter than its neighbour in
+    the same window is, to the model, background: it is skipped.  Offline, a quiet recording fills
+    its windows alone and is heard; a stream that goes from a quiet speaker to a loud one (or a
+    microphone whose level changes) puts both into one window.  Levelling the stream as it arrives
+    restores what each passage would have sounded like alone.  A steady stream gets a steady gain,
+    and a constant gain changes nothing Whisper sees (the spectrogram is normalised anyway).
+
+    How: the level of every 20 ms frame (RMS, dB) feeds an envelope that follows a louder frame at
+    once, holds for ``hold_s`` (the pauses between words), then falls back at ``release_db_s`` dB a
+    second, never below ``margin_db`` above the quietest frame of the last ``noise_s`` seconds (the
+    noise floor, which therefore is never raised to speech level in pauses).  A fast release matters:
+    the first words of a quiet speaker right after a loud one must not stay quiet.  The gain brings
+    the envelope to ``target_db``, between ``min_gain_db`` and ``max_gain_db``: loud speech is turned
+    down as quiet speech is turned up, so that the two meet (Whisper still skips a passage 15 dB
+    below its neighbour in the same window).  The gain brings the envelope to ``target_db``, between 0 and ``max_gain_db``
+    (it never attenuates), and moves linearly across each frame.  Causal: a sample's gain depends on
+    what came before it only, so audio already decoded never changes.  Samples are clipped to [-1, 1].
+    """
+
+    FRAME = 320  # 20 ms at 16 kHz
+
+    def __init__(self, target_db: float = -20.0, hold_s: float = 0.3, release_db_s: float = 100.0,
+                 min_gain_db: float = -20.0, max_gain_db: float = 50.0, margin_db: float = 15.0, noise_s: float = 2.0):
+        self.target_db, self.min_gain_db, self.max_gain_db, self.margin_db = target_db, min_gain_db, max_gain_db, margin_db
+        self._release = release_db_s * self.FRAME / SAMPLE_RATE  # dB per frame
+        self._hold = round(hold_s * SAMPLE_RATE / self.FRAME)  # frames
+        self._held = 0  # frames since the envelope last rose
+        self._levels: collections.deque = collections.deque(maxlen=max(1, round(noise_s * SAMPLE_RATE / self.FRAME)))
+        self._envelope: float | None = None
+        self._gain_db = 0.0
+        self._carry = np.zeros(0, np.float32)
+
+    @property
+    def gain_db(self) -> float:
+        return self._gain_db
+
+    def process(self, samples: np.ndarray) -> np.ndarray:
+        """Level ``samples`` (float32); returns as many samples as whole frames allow (the rest is
+        held for the next call, at most 19 ms)."""
+        x = np.concatenate([self._carry, np.asarray(samples, np.float32)])
+        n = len(x) // self.FRAME * self.FRAME
+        self._carry = x[n:]
+        frames = x[:n].reshape(-1, self.FRAME)
+        levels = 10.0 * np.log10(np.mean(np.square(frames, dtype=np.float64), axis=1) + 1e-12)
+        gains = np.empty(len(frames) + 1)
+        gains[0] = self._gain_db
+        for k, level in enumerate(levels):
+            self._levels.append(level)
+            floor = min(self._levels) + self.margin_db
+            env = self._envelope
+            if env is None or level >= env:
+                env, self._held = level, 0
+            else:
+                self._held += 1
+                if self._held > self._hold:
+                    env = max(level, env - self._release)
+            env = max(env, floor)
+            self._envelope = env
+            gains[k + 1] = min(self.max_gain_db, max(self.min_gain_db, self.target_db - env))
+        self._gain_db = float(gains[-1])
+        ramp = gains[:-1, None] + (gains[1:] - gains[:-1])[:, None] * (np.arange(self.FRAME) / self.FRAME)
+        out = frames * np.power(10.0, ramp / 20.0)
+        return np.clip(out.reshape(-1), -1.0, 1.0).astype(np.float32)
+
+    def flush(self) -> np.ndarray:
+        """The held samples (end of the stream), at the current gain."""
+        out = np.clip(self._carry * 10.0 ** (self._gain_db / 20.0), -1.0, 1.0).astype(np.float32)
+        self._carry = np.zeros(0, np.float32)
+        return out

@@ -19,13 +19,18 @@ import os
 import signal
 import time
 
+import numpy as np
+
 from quart import Quart
+from quart.asgi import ASGIWebsocketConnection
 from quart.wrappers.request import Body, Request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from jax_realtime.audio import SAMPLE_RATE, decode_audio
 from jax_realtime.batcher import Batcher
+from jax_realtime.capacity import Capacity, LoadMeter, calibrate
 from jax_realtime.config import ConfigError, ServiceConfig, load_config
-from jax_realtime.engine import Engine, compile_stats
+from jax_realtime.engine import DecodeRequest, Engine, compile_stats
 
 from .metrics import Metrics
 
@@ -44,7 +49,8 @@ class Service:
     model_names: tuple[str, ...]
     started: float
     warmup_seconds: float
-    metrics: Metrics = dataclasses.field(default_factory=Metrics)
+    metrics: Metrics
+    load: LoadMeter
     sessions: set = dataclasses.field(default_factory=set)
     requests_in_flight: int = 0  # REST transcriptions being decoded
     draining: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # set on SIGTERM/SIGINT
@@ -52,6 +58,27 @@ class Service:
 
     def serves(self, model: str) -> bool:
         return model in self.model_names
+
+    def streaming_sessions(self) -> int:
+        return sum(1 for session in self.sessions if session.streaming)
+
+    def capacity(self) -> Capacity:
+        return self.load.capacity(len(self.sessions))
+
+    def admits_session(self) -> bool:
+        """Whether one more realtime session fits: under ``max_sessions``, and the engine's measured
+        load leaves room for every session connected now plus this one to stream at once."""
+        connected, limits = len(self.sessions), self.config.server
+        return connected < limits.max_sessions and (not limits.admission_control or self.load.admits(connected))
+
+    def note_streaming(self) -> None:
+        """A session started or ended an utterance (the load meter weighs its busy time by this)."""
+        self.load.note_streaming(self.streaming_sessions())
+
+    def observe_batch(self, requests: int, rows: int, seconds: float) -> None:
+        """The batcher's hook after every engine step."""
+        self.metrics.observe_batch(requests, rows, seconds)
+        self.load.record_batch(seconds)
 
     async def drain(self) -> None:
         """Stop taking new work, let running utterances and REST requests finish (each utterance
@@ -125,6 +152,7 @@ def create_app(config: ServiceConfig | str | os.PathLike | None = None) -> Quart
 
     app = Quart(__name__)
     app.request_class = _Request
+    app.asgi_websocket_class = _PacedWebsocketConnection
     app.config["SERVICE_CONFIG"] = config
     app.config["MAX_CONTENT_LENGTH"] = limits.max_upload_bytes  # REST bodies; over it: 400 (errors.py)
     app.config["BODY_TIMEOUT"] = limits.request_timeout_s  # an upload slower than this: 408
@@ -140,19 +168,60 @@ def create_app(config: ServiceConfig | str | os.PathLike | None = None) -> Quart
         started = time.perf_counter()
         engine = await asyncio.to_thread(Engine, config.engine)
         warmup = await asyncio.to_thread(engine.warmup)
-        batcher = Batcher(engine, gather_s=config.server.batch_gather_s, on_batch=metrics.observe_batch)
-        service = Service(config, engine, batcher, model_names(config, engine), time.time(), warmup, metrics)
+        per_session = await asyncio.to_thread(calibrate_streaming, engine, config)
+        load = LoadMeter(per_session, target=config.server.target_load)
+        batcher = Batcher(engine, gather_s=config.server.batch_gather_s)
+        service = Service(config, engine, batcher, model_names(config, engine), time.time(), warmup, metrics, load)
+        batcher.on_batch = service.observe_batch
         metrics.attach(service)
         app.extensions["jax_realtime"] = service
         app.add_background_task(_run_batcher, app, batcher)
         _drain_on_signals(service)
         log.info(
-            "serving %s as %s: %d buckets compiled in %.1f s (%.1f s with loading), %s; API keys: %s",
-            engine.name, ", ".join(service.model_names), len(engine.buckets), warmup,
+            "serving %s as %s: %d buckets compiled in %.1f s (%.1f s with loading), %s; API keys: %s; "
+            "capacity: %s", engine.name, ", ".join(service.model_names), len(engine.buckets), warmup,
             time.perf_counter() - started, compile_stats(), f"{len(keys)} configured" if keys else "none (open)",
+            service.capacity().as_dict(),
         )
 
     return app
+
+
+CALIBRATION_AUDIO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jax_realtime",
+                                 "examples", "ljspeech-LJ001-0006.wav")
+
+
+def calibrate_streaming(engine: Engine, config: ServiceConfig) -> float:
+    """Engine seconds per second of one streaming session, timed on a typical step: a window of
+    ``trim_after_s`` of the bundled example speech decoded in timestamp mode, ``max_step_tokens`` new
+    tokens, at the smallest and the largest batch (see capacity.calibrate)."""
+    stream = config.stream
+    speech = decode_audio(CALIBRATION_AUDIO)
+    seconds = min(stream.trim_after_s, stream.max_window_s)
+    audio = np.resize(speech, round(seconds * SAMPLE_RATE))  # repeated when the example is shorter
+
+    def run_step(batch: int) -> float:
+        requests = [DecodeRequest(audio, timestamps=True, max_new_tokens=stream.max_step_tokens)] * batch
+        started = time.perf_counter()
+        engine.decode(requests)
+        return time.perf_counter() - started
+
+    return calibrate(run_step, engine.batch_buckets, stream.step_s)
+
+
+class _PacedWebsocketConnection(ASGIWebsocketConnection):
+    """Quart's WebSocket connection with a bounded queue of received messages.
+
+    Quart reads every message the server gets into an unbounded queue, whether the handler reads
+    it or not.  Bounded, a handler that stops reading (a session whose audio is not decoded yet,
+    see connection._wait_for_room) stops Quart reading, then Hypercorn (its own queue is bounded by
+    ``max_app_queue_size``), then the socket: TCP flow control slows the client down."""
+
+    QUEUE = 16
+
+    def __init__(self, app, scope) -> None:
+        super().__init__(app, scope)
+        self.queue = asyncio.Queue(self.QUEUE)
 
 
 async def _run_batcher(app: Quart, batcher: Batcher) -> None:

@@ -162,7 +162,7 @@ async def _audio(task: str):
         raise _timeout(limits.request_timeout_s) from None
     _metrics().audio_seconds.labels("rest").inc(len(audio) / SAMPLE_RATE)
     owner = f"rest-{secrets.token_hex(8)}"
-    submit = functools.partial(service.batcher.submit, owner)
+    submit = functools.partial(service.batcher.submit, owner, priority=1)  # realtime steps go first
     if form.stream:
         return _stream(service, submit, owner, audio, options, form, model, task, deadline)
     try:
@@ -341,6 +341,7 @@ async def health():
         "queue_depth": service.batcher.queue_depth,
         "compile": compile_stats(),
         "buckets": len(service.engine.buckets),
+        "capacity": service.capacity().as_dict(),
     }
     return body, 503 if service.draining.is_set() else 200  # load balancers stop sending work here
 

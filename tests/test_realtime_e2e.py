@@ -23,6 +23,7 @@ import functools
 import json
 import re
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +100,9 @@ def write_config(path: Path, **server) -> Path:
 
 
 def start_serve(tmp: Path, name: str, **server) -> ServerProcess:
-    config = write_config(tmp / f"{name}.toml", **server)
+    # admission by measured load is off unless a test turns it on: these servers share two cores
+    # with the test process, and what they test is a fixed max_sessions
+    config = write_config(tmp / f"{name}.toml", **{"admission_control": False, **server})
     proc = ServerProcess.serve(config, name=name, log_path=tmp / f"{name}.log", startup_timeout=STARTUP_TIMEOUT)
     proc.start()
     _STARTED.append(proc)
@@ -117,6 +120,14 @@ def server(tmp_path_factory):
 def tight(tmp_path_factory):
     proc = start_serve(tmp_path_factory.mktemp("tight"), "tight", max_sessions=2, idle_timeout_s=3.0,
                        max_buffer_s=3.0, max_message_bytes=32000)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def crowded(tmp_path_factory):
+    """Admission by measured load, with a capacity deliberately made tiny (one session)."""
+    proc = start_serve(tmp_path_factory.mktemp("crowded"), "crowded", admission_control=True, target_load=0.001)
     yield proc
     proc.stop()
 
@@ -580,6 +591,49 @@ def test_server_busy_beyond_max_sessions(check_tight):
         await d.close()
 
     run(main())
+
+
+def test_a_fast_sender_is_paced_not_cut_off(check_tight):
+    """The tight server buffers at most 3 s of undecoded audio.  A client streaming 12 s as fast as
+    the socket takes it is slowed down (the server stops reading), never refused: no buffer_full,
+    and the text covers every clip."""
+    clips = [LONG, MEDIUM, SHORT]
+
+    async def main():
+        async with await session(check_tight) as c:
+            deltas, done = await c.transcribe(b"".join(audio(i) for i in clips), chunk_s=0.1, interval=0.0,
+                                              timeout=240)
+            return check_done(deltas, done)
+
+    text = run(main(), timeout=300)
+    score = wer([" ".join(ref_text(c) for c in clips)], [text])
+    assert score <= 20.0, (score, text)
+
+
+def test_sessions_beyond_the_measured_capacity_are_refused(crowded):
+    """With room for one stream, a second connection gets server_busy and 1013 before any audio,
+    while the admitted session streams on, in time; once it leaves, the next one is admitted."""
+
+    async def main():
+        first = await session(crowded)
+        health = await crowded.ahealth()
+        assert health["capacity"]["sessions_max"] == 1 and health["capacity"]["headroom"] == 0.0, health
+        refused = await RealtimeClient.connect(crowded.ws_url, expect_created=False)
+        await refused.expect_error("server_busy")
+        closed = await refused.closed()
+        assert closed.rcvd is not None and closed.rcvd.code == 1013, closed
+        started = time.monotonic()
+        deltas, done = await first.transcribe(audio(MEDIUM), chunk_s=0.1, interval=0.1, timeout=60)
+        assert time.monotonic() - started < 6.9 + 3.0  # real time, plus little: the admitted one keeps up
+        assert_transcribes([MEDIUM], [check_done(deltas, done)], bound=20.0)
+        await first.close()
+        await crowded.wait_sessions(0)
+        again = await session(crowded)  # the room is free again
+        await again.close()
+
+    run(main(), timeout=120)
+    metrics = urllib.request.urlopen(crowded.http_url + "/metrics", timeout=10).read().decode()
+    assert 'jax_realtime_sessions_refused_total{reason="busy"} 1.0' in metrics
 
 
 def test_idle_timeout_closes_the_socket(check_tight):

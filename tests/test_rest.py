@@ -108,6 +108,7 @@ def long_wav() -> tuple[bytes, np.ndarray]:
 def write_config(path: Path, model: str = "tiny.en", **server) -> Path:
     lines = ["[engine]", f'model = "{model}"']
     lines += [f"{key} = {json.dumps(list(value))}" for key, value in TEST_BUCKETS.items()]
+    server = {"admission_control": False, **server}  # a fixed max_sessions, whatever the shared CPU measures
     lines += ["", "[server]"] + [f"{key} = {json.dumps(value)}" for key, value in server.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -520,8 +521,9 @@ def test_metrics_parse_and_move(server):
 
 @pytest.mark.parametrize("clip_id", [SHORT, MEDIUM, LONG])
 def test_realtime_gives_the_rest_text(server, clip_id):
-    """The same audio through REST and /v1/realtime: identical text when the session has the whole
-    utterance before it decodes (see the module docstring)."""
+    """The same audio through REST and /v1/realtime: the same words when the session has the whole
+    utterance before it decodes (see the module docstring).  Words, not characters: a realtime
+    session levels its audio as it arrives (audio.Leveller), which may move a comma."""
     rest_text = transcribe(server, wav(clip_id)).text
 
     async def main():
@@ -532,7 +534,7 @@ def test_realtime_gives_the_rest_text(server, clip_id):
             await c.commit(final=True)
             return check_done(*await c.until_done())
 
-    assert run(main()) == rest_text
+    assert normalize(run(main())) == normalize(rest_text)
 
 
 def test_realtime_paced_stream_gives_the_rest_text(server):

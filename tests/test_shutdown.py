@@ -19,7 +19,7 @@ def _config(tmp_path, name="server.toml", buckets=TEST_BUCKETS, cache_dir=None) 
              f"prompt_buckets = {list(buckets['prompt_buckets'])}"]
     if cache_dir is not None:
         lines.append(f'cache_dir = "{cache_dir}"')
-    lines += ["[server]", "drain_timeout_s = 20.0"]
+    lines += ["[server]", "drain_timeout_s = 20.0", "admission_control = false"]
     path = tmp_path / name
     path.write_text("\n".join(lines) + "\n")
     return str(path)
