@@ -24,6 +24,8 @@ Transcription System", 2023):
   empty; a silent window is trimmed rather than left to grow.
 * After ``finish()`` the remaining audio is decoded and everything is committed; ``text`` is then
   exactly the concatenation of all deltas.
+* ``partial`` is the newest hypothesis's text beyond the committed text (the held-back or not yet
+  agreed tail): what a display may show as pending, knowing the next steps may still revise it.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class Utterance:
         self._history: list[list[int]] = []  # latest hypotheses' continuations of _committed
         self.tokens: list[int] = []  # every committed text token of the utterance
         self.text = ""  # the concatenation of every delta returned
+        self._hypothesis: list[int] = []  # the newest hypothesis's text tokens of the whole utterance
         self._next_resegment = 0  # utterance sample index before which no fresh decode is tried
         self.finishing = False
         self.done = False
@@ -185,6 +188,7 @@ class Utterance:
             self.done = True
             return self._emit()
 
+        self._hypothesis = self.tokens + self._text(continuation)
         self._history = (self._history + [continuation])[-s.agreement:]
         if len(self._history) == s.agreement:
             texts = [self._text(h) for h in self._history]
@@ -203,6 +207,16 @@ class Utterance:
         if self.finishing and len(self._audio) == 0:
             self.done = True
         return self._emit()
+
+    @property
+    def partial(self) -> str:
+        """The newest hypothesis's text beyond ``text`` (not committed, not sent as a delta);
+        "" once done or when the hypothesis no longer extends the committed tokens."""
+        n = len(self.tokens)
+        if self.done or len(self._hypothesis) <= n or self._hypothesis[:n] != self.tokens:
+            return ""
+        text = self._tok.decode(self._hypothesis).lstrip()
+        return text[len(self.text):].rstrip("\ufffd") if text.startswith(self.text) else ""
 
     def _text(self, raw: Sequence[int]) -> list[int]:
         return [t for t in raw if t < self._tok.eot]
