@@ -13,7 +13,8 @@ for.  ``--use-fake-ui-for-media-stream`` grants the permission; a browser withou
 which is how the "microphone denied" message is checked.
 
 Playwright is the driver (``executable_path``: the system chromium; ``playwright install`` is never
-run).  Chromium must be installed (the README's test command installs it): it is an error, not a
+run).  It adds ``--headless`` and a fresh temporary profile (its own ``--user-data-dir``) to
+CHROMIUM_FLAGS, which keep Chromium off the network (no QUIC, sync, updates or background fetches).  Chromium must be installed (the README's test command installs it): it is an error, not a
 skip, when it is missing.  Screenshots are written to the test's tmp dir and, if
 ``$JAX_REALTIME_ARTIFACTS`` is set, to that directory too.
 """
