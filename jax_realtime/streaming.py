@@ -42,8 +42,9 @@ number of committed text tokens that cover it and why it left; together the stre
 utterance's audio from its first to its last sample (the invariant the tests check).  Stretches
 that produced no text are what the service logs and counts.
 
-* After ``finish()`` the remaining audio is decoded and everything is committed; ``text`` is then
-  exactly the concatenation of all deltas.
+After ``finish()`` the remaining audio is decoded and everything is committed; ``text`` is then
+exactly the concatenation of all deltas.  ``partial`` is the newest hypothesis's text beyond the
+committed text (the held-back or not yet agreed tail): what a display may show as pending.
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ class Utterance:
         self.text = ""  # the concatenation of every delta returned
         self._sent_tokens = 0  # tokens whose text went out in deltas
         self._sent_raw = ""  # their text, before the first delta's leading space is stripped
+        self._pending: list[int] = []  # the newest hypothesis's text tokens beyond the committed ones
         self.stretches: list[Stretch] = []  # audio that left the window, in order (see the module doc)
         self.finishing = False
         self.done = False
@@ -262,7 +264,7 @@ class Utterance:
                        or len(window.audio) >= self._max_samples)
             if matters and self._rejected < (2 if repetitive else 1):
                 self._rejected += 1
-                self._history = []
+                self._history, self._pending = [], []
                 return self._emit()
             if not matters:
                 output = []  # a short window: nothing to commit from it, the next step decodes it again
@@ -291,6 +293,7 @@ class Utterance:
                 stable = min(_common_prefix(t, texts[-1]) for t in texts)
                 self._commit_text(min(stable, len(texts[-1]) - s.holdback_tokens))
         rest = self._history[-1] if self._history else []  # the newest hypothesis beyond the commit
+        self._pending = self._text(rest)
 
         # A window decoded before final:true arrived does not cover the audio sent since: it only
         # feeds the agreement, and the next window covers the rest.
@@ -305,6 +308,26 @@ class Utterance:
         if self.finishing and len(self._audio) == 0:
             self.done = True
         return self._emit()
+
+    @property
+    def partial(self) -> str:
+        """The newest hypothesis's text beyond ``text`` (not committed, not sent as a delta);
+        "" once done or when the hypothesis no longer extends the committed tokens."""
+        n = len(self.tokens)
+        if self.done or len(self._hypothesis) <= n or self._hypothesis[:n] != self.tokens:
+            return ""
+        text = self._tok.decode(self._hypothesis).lstrip()
+        return text[len(self.text):].rstrip("\ufffd") if text.startswith(self.text) else ""
+
+    @property
+    def partial(self) -> str:
+        """The newest hypothesis's text beyond ``text`` (not committed, not sent as a delta): what a
+        display may show as pending, knowing that the next steps may still revise it; "" once done,
+        after a decode heard as silence or rejected, and while a character is split across tokens."""
+        if self.done or not self._pending:
+            return ""
+        pending = self._tok.decode(self.tokens[self._sent_tokens:] + self._pending).rstrip("\ufffd")
+        return pending.lstrip() if not self.text else pending
 
     def _text(self, raw: Sequence[int]) -> list[int]:
         return [t for t in raw if t < self._tok.eot]

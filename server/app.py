@@ -139,6 +139,7 @@ def create_app(config: ServiceConfig | str | os.PathLike | None = None) -> Quart
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from .auth import KeyChecker, install_auth
+    from .demo import demo
     from .errors import install_error_handlers
     from .realtime import realtime
     from .rest import rest
@@ -162,6 +163,7 @@ def create_app(config: ServiceConfig | str | os.PathLike | None = None) -> Quart
     install_auth(app, KeyChecker(keys))
     app.register_blueprint(realtime)
     app.register_blueprint(rest)
+    app.register_blueprint(demo)  # GET / : the live transcription page
 
     @app.before_serving
     async def load_and_warm() -> None:

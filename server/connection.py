@@ -404,6 +404,8 @@ class RealtimeConnection:
                         first_delta = False
                     self.metrics.delta_latency.observe(now - newest_audio)
                     self.send(p.TranscriptionDelta(delta=delta))
+                if session.partials:  # opt-in extension; sent after every step ("" clears it)
+                    self.send(p.TranscriptionPartial(text=utterance.partial))
             usage = p.Usage.from_counts(utterance.last_prompt_tokens, len(utterance.tokens))
             self.send(p.TranscriptionDone(text=utterance.text, usage=usage))
             final_latency = time.monotonic() - self._finish_requested

@@ -89,3 +89,14 @@ def test_shell_scripts_pass_shellcheck():
     scripts = [str(p) for p in (ROOT / "scripts").glob("*.sh")] + [str(ROOT / ".ci" / "run")]
     proc = subprocess.run([shellcheck, *scripts], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run is the README's test command, nothing else (both install Chromium for the demo test)."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    test_command = next(b for b in blocks if "pytest" in b and "\n" not in b)
+    ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+                if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    assert ci_lines == [test_command]
+    assert "apt-get install -y chromium" in test_command

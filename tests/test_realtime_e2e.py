@@ -366,12 +366,12 @@ def test_session_created_and_updated_fields(check_server):
             # nulls are sent, not omitted; type first
             assert raw.startswith('{"type":"session.updated"'), raw
             assert json.loads(raw) == {"type": "session.updated", "model": "tiny.en", "language": None,
-                                       "prompt": None, "task": "transcribe"}
+                                       "prompt": None, "task": "transcribe", "partials": False}
             assert '"language":null' in raw.replace(" ", "") and '"prompt":null' in raw.replace(" ", "")
             for alias in ("whisper-tiny.en", "openai/whisper-tiny.en"):
                 updated = await c.update(alias, language="en", prompt="Printing.", task="transcribe")
                 assert updated == {"type": "session.updated", "model": alias, "language": "en",
-                                   "prompt": "Printing.", "task": "transcribe"}
+                                   "prompt": "Printing.", "task": "transcribe", "partials": False}
         async with await RealtimeClient.connect(check_server.ws_url) as other:
             assert other.created["id"] != created["id"]
 
@@ -493,6 +493,43 @@ def test_deltas_flow_before_final(check_server):
             text = check_done([d for _, d in live] + deltas, done)
             assert text.startswith(early)
             assert_transcribes([MEDIUM], [text], bound=25.0)
+
+    run(main())
+
+
+def test_partials_extension_is_opt_in(check_server):
+    """``session.update`` with ``partials: true`` (an extension): after each decoding step a
+    ``transcription.partial`` carries the unstable text beyond the deltas; the last one, before
+    ``done``, is "" (everything is committed).  Deltas and ``done`` are unchanged, and with
+    ``partials: false`` again no partial is sent (``until_done`` fails on any other event)."""
+
+    async def main():
+        async with await RealtimeClient.connect(check_server.ws_url) as c:
+            assert (await c.update("tiny.en", partials=True))["partials"] is True
+            events = []
+
+            async def read():
+                while (event := await c.recv(120))["type"] != "transcription.done":
+                    events.append(event)
+                events.append(event)
+
+            reader = asyncio.create_task(read())
+            await c.commit()
+            await c.stream(audio(MEDIUM), chunk_s=0.1, interval=0.1)  # real-time pace
+            live = list(events)
+            await c.commit(final=True)
+            await asyncio.wait_for(reader, 120)
+            assert {e["type"] for e in events} == {"transcription.delta", "transcription.partial", "transcription.done"}
+            partials = [e for e in events if e["type"] == "transcription.partial"]
+            assert all(set(e) == {"type", "text"} for e in partials), partials
+            assert any(e["type"] == "transcription.partial" and e["text"].strip() for e in live), live
+            assert events[-2] == {"type": "transcription.partial", "text": ""}, events[-3:]
+            deltas = [e["delta"] for e in events if e["type"] == "transcription.delta"]
+            assert_transcribes([MEDIUM], [check_done(deltas, events[-1])], bound=25.0)
+
+            assert (await c.update("tiny.en", partials=False))["partials"] is False
+            deltas, done = await c.transcribe(audio(SHORT))
+            assert_transcribes([SHORT], [check_done(deltas, done)], bound=30.0)
 
     run(main())
 

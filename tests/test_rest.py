@@ -632,6 +632,46 @@ def test_websocket_handshake_requires_a_key(secured):
     run(main())
 
 
+def test_websocket_key_as_subprotocol(secured, server):
+    """Browsers cannot send headers on a WebSocket: the key may come as the subprotocol
+    ``openai-insecure-api-key.<key>`` beside ``realtime`` (OpenAI's browser clients), and the
+    accepted handshake names ``realtime`` (a browser fails one that names none it offered; the key
+    is never echoed).  A wrong key, or ``realtime`` alone, is refused with 401 before any event.
+    Without keys configured, ``realtime`` is accepted and echoed too."""
+
+    def offered(key: str | None) -> list[str]:
+        return ["realtime"] + ([f"openai-insecure-api-key.{key}"] if key is not None else [])
+
+    async def refused(protocols):
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(secured.ws_url, subprotocols=protocols, open_timeout=30):
+                pass
+        assert info.value.response.status_code == 401
+
+    async def main():
+        for protocols in (offered(None), offered("nope"), offered(FLAG_KEY + "x"), [f"realtime.{ENV_KEY}"]):
+            await refused(protocols)
+        assert (await secured.ahealth())["sessions"] == 0
+        for key in (ENV_KEY, FILE_KEYS[1]):
+            client = await RealtimeClient.connect(secured.ws_url, subprotocols=offered(key))
+            async with client:
+                assert client.ws.subprotocol == "realtime"
+                assert key not in str(client.ws.response.headers)
+                await client.update("tiny.en")
+                deltas, done = await client.transcribe(to_pcm16(clip(TINY)))
+                assert wer([ref_text(TINY)], [check_done(deltas, done)]) <= 20.0
+        # a wrong key in the subprotocol does not undo a valid Authorization header
+        client = await RealtimeClient.connect(secured.ws_url, subprotocols=offered("nope"),
+                                              additional_headers={"Authorization": f"Bearer {FLAG_KEY}"})
+        async with client:
+            assert client.ws.subprotocol == "realtime"
+        async with await RealtimeClient.connect(server.ws_url, subprotocols=offered(None)) as client:
+            assert client.ws.subprotocol == "realtime"
+            await client.update("tiny.en")
+
+    run(main())
+
+
 def test_request_timeout_drops_the_work(secured):
     """--request-timeout 8: twenty minutes of speech cannot be transcribed in time on this CPU;
     the answer is a 504 at the deadline, and the rest of its windows never reach the engine."""

@@ -56,6 +56,35 @@ def test_a_continuing_step_is_capped_and_the_last_one_is_not(tiny_tokenizer):
     assert utterance.next_window().max_new_tokens is None
 
 
+def test_partial_is_the_newest_hypothesis_beyond_the_committed_text(tiny_tokenizer):
+    """``partial``: what the newest hypothesis says after the committed text (the held-back tail,
+    or all of it before any agreement); replaced by each step, "" once done or silent."""
+    tok = tiny_tokenizer
+    words = tok.encode(" one two three four five six")
+    utterance = Utterance(StreamConfig(agreement=2, holdback_tokens=2), tok)
+    assert utterance.partial == ""
+
+    utterance.add_audio(speech(1.0))
+    assert utterance.apply(utterance.next_window(), Result(words[:3])) == ""  # nothing agreed yet
+    assert utterance.partial == "one two three"
+
+    utterance.add_audio(speech(1.0))
+    delta = utterance.apply(utterance.next_window(), Result(words[:2] + tok.encode(" to")))
+    assert delta == "one"  # agreed on two tokens, less the newest two held back
+    assert utterance.partial == " two to"
+    assert utterance.text + utterance.partial == "one two to"
+
+    utterance.add_audio(speech(1.0))
+    silent = Result(words[:5], no_speech_prob=0.9, avg_logprob=-2.0)  # counts as empty
+    assert utterance.apply(utterance.next_window(), silent) == ""
+    assert utterance.partial == ""
+
+    utterance.finish()
+    utterance.apply(utterance.next_window(), Result(words))  # the output repeats the forced prefix
+    assert utterance.done and utterance.partial == ""
+    assert utterance.text == "one two three four five six"
+
+
 # -- moving the window: nothing leaves it uncovered ----------------------------------------------------
 
 STEP = StreamConfig(step_s=1.0, agreement=1, holdback_tokens=0, trim_after_s=4.0, max_window_s=10.0,
