@@ -145,6 +145,9 @@ class StreamConfig(BaseModel):
     # Level the stream as it arrives (audio.Leveller): a quiet passage next to a loud one in the
     # same window is otherwise skipped by Whisper.
     level_audio: bool = True
+    # Voice activity (vad.py, Silero): audio in which it hears no speech is not decoded (once the
+    # text before it is settled) and leaves the window as silence.
+    vad: bool = True
 
     @model_validator(mode="after")
     def _consistent(self) -> "StreamConfig":

@@ -64,6 +64,9 @@ SAMPLES_PER_TIMESTAMP = round(TIME_PRECISION * SAMPLE_RATE)  # 320 samples = 0.0
 ANCHOR_TOKENS = 2  # committed text tokens that must follow a cut (see Utterance._cut_points)
 MAX_PROMPT_TOKENS = 223  # Whisper's longest previous-text prompt (n_text_ctx // 2 - 1)
 FALLBACK_TEMPERATURE = 0.5
+# The VAD may hear speech this long after the end Whisper gives its text (timestamps are coarse, the
+# VAD's frames run on): later speech is speech Whisper did not transcribe.
+END_TOLERANCE = round(0.5 * SAMPLE_RATE)
 OVERRUN_S = 1.0  # a timestamp this far past the end of the window's audio marks made-up text  # the last retry of a rejected window samples (Whisper's fallback, in one step)
 
 
@@ -133,6 +136,11 @@ class Utterance:
         self.settings = settings
         self._tok = tokenizer
         self._audio = AudioBuffer()  # audio from the window's start to the newest sample
+        self._voiced = AudioBuffer()  # per sample of the window: 1 speech (or not yet heard by the VAD), 0 not
+        self._vad_used = False  # a VAD marks speech
+        self._vad_at = 0  # utterance samples handed to the VAD
+        self._framed_at = 0  # utterance samples the VAD has given its verdict on
+        self._last_speech = 0  # end of the last frame the VAD heard speech in
         self._window_start = 0  # utterance sample index of _audio[0]
         self._decoded_until = 0  # utterance sample index the last requested window reached
         self._user_prompt = list(initial_prompt)  # the session's prompt: conditions every decode
@@ -173,12 +181,72 @@ class Utterance:
         if self.finishing:
             raise RuntimeError("the utterance is finishing: no more audio")
         self._audio.append(samples)
+        self._voiced.append(np.ones(len(samples), np.float32))  # speech until the VAD says otherwise
 
     def drop_pending(self) -> int:
         """Forget audio not yet part of any decoded window (``input_audio_buffer.clear``)."""
         dropped = max(0, min(self.pending_samples, len(self._audio)))
         self._audio.drop_back(dropped)
+        self._voiced.drop_back(dropped)
+        self._vad_at = min(self._vad_at, self.received_samples)
         return dropped
+
+    # -- voice activity (optional: a session with a VAD feeds it) --------------------------------
+    def vad_input(self) -> tuple[int, np.ndarray]:
+        """The audio the VAD has not seen yet: (its first utterance sample, the samples)."""
+        start = max(self._vad_at, self._window_start)
+        samples = self._audio.slice(start - self._window_start, len(self._audio))
+        self._vad_at = self.received_samples
+        return start, samples
+
+    def mark_speech(self, start: int, frame: int, voiced: np.ndarray) -> None:
+        """The VAD's verdict on consecutive frames of ``frame`` samples from utterance sample
+        ``start``.  With speech marked, audio that holds none needs no decode (see :meth:`wants_decode`)."""
+        self._vad_used = True
+        for k, speech in enumerate(np.asarray(voiced, bool)):
+            a, b = start + k * frame, start + (k + 1) * frame
+            self._voiced.fill(a - self._window_start, b - self._window_start, 1.0 if speech else 0.0)
+            if speech:
+                self._last_speech = b
+        self._framed_at = max(self._framed_at, start + len(voiced) * frame)
+
+    def _silent(self, a: int, b: int) -> bool:
+        """Whether the VAD heard no speech in utterance samples ``[a, b)`` (only audio it framed counts)."""
+        b = min(b, self._framed_at)
+        if not self._vad_used or b <= a:
+            return False
+        return not self._voiced.max(a - self._window_start, b - self._window_start)
+
+    def _committed_end(self) -> int | None:
+        """Window sample where the committed text ends, when its last segment is closed (0 without
+        committed text; None while it is open)."""
+        if not self._text(self._committed):
+            return 0
+        ends = self._cut_points(len(self._audio), anchored=False)
+        if not ends or self._text(self._committed[ends[-1]:]):
+            return None
+        return self._samples_at(self._committed[ends[-1]])
+
+    def _settled(self) -> bool:
+        """Nothing waits to be committed, and the VAD hears no speech after the committed text's end:
+        the window's text is complete (see :meth:`_skip_silence`)."""
+        end = self._committed_end()
+        return (end is not None and not self._pending and not self._rejected
+                and self._silent(self._window_start + end + END_TOLERANCE, self.received_samples))
+
+    def _skip_silence(self) -> bool:
+        """The new audio holds no speech (the VAD's word) and the window's text is settled: no decode
+        is needed.  The silence leaves the window instead (with the committed text before it; the last
+        ``silence_keep_s`` stay, speech may be starting) and counts as decoded."""
+        if not self._silent(self._decoded_until, self.received_samples) or not self._settled():
+            return False
+        end = self._committed_end()
+        if end:
+            self._cut(len(self._committed), end, "text")
+        keep = round(self.settings.silence_keep_s * SAMPLE_RATE)
+        self._cut(len(self._committed), len(self._audio) - keep, "silence")
+        self._decoded_until = self.received_samples
+        return True
 
     def finish(self) -> None:
         self.finishing = True
@@ -193,14 +261,16 @@ class Utterance:
     def wants_decode(self, min_new_s: float | None = None) -> bool:
         """Whether a decode is due: the utterance is finishing, or at least ``min_new_s`` (default
         ``step_s``) of audio arrived since the last window was taken, or the window is full (a
-        session behind its audio steps at once)."""
+        session behind its audio steps at once) — unless the VAD heard no speech in the new audio
+        and nothing waits to be committed (the silence then leaves the window without a decode)."""
         if self.done:
             return False
         if self.finishing:
             return True
         min_new = self.settings.step_s if min_new_s is None else min_new_s
-        return len(self._audio) > 0 and (self.pending_samples >= max(1, round(min_new * SAMPLE_RATE))
-                                         or (self.pending_samples > 0 and len(self._audio) > self._max_samples))
+        due = len(self._audio) > 0 and (self.pending_samples >= max(1, round(min_new * SAMPLE_RATE))
+                                        or (self.pending_samples > 0 and len(self._audio) > self._max_samples))
+        return due and not self._skip_silence()
 
     def next_window(self) -> Window:
         audio = self._audio.head(self._max_samples)
@@ -304,6 +374,9 @@ class Utterance:
             # After the committed text Whisper hears nothing more: no next word to tie the window to,
             # and none is needed, so the last segment end is a cut point too.
             quiet = not self._text(rest) and self._closed_early(self._committed, len(window.audio))
+            if quiet and self._vad_used:  # and the VAD agrees that no speech follows
+                end = self._committed_end()
+                quiet = end is not None and self._silent(self._window_start + end + END_TOLERANCE, window.end_sample)
             self._trim(len(window.audio), anchored=not quiet)
         if self.finishing and len(self._audio) == 0:
             self.done = True
@@ -569,6 +642,7 @@ class Utterance:
         self._committed = [t if t < begin else max(begin, t - shift) for t in self._committed[index:]]
         self._history = []  # hypotheses of the old window no longer continue the new prefix
         self._audio.drop_front(samples)
+        self._voiced.drop_front(samples)
         self._window_start += samples
         self._fresh_after = 0
 
@@ -610,13 +684,29 @@ class AudioBuffer:
 
     def head(self, n: int) -> np.ndarray:
         """A copy of the first ``n`` samples (a window handed to the engine)."""
-        return self._data[self._start:min(self._end, self._start + n)].copy()
+        return self.slice(0, n)
+
+    def slice(self, a: int, b: int) -> np.ndarray:
+        """A copy of samples ``[a, b)`` (clipped to the buffer)."""
+        a, b = max(0, a), min(len(self), b)
+        return self._data[self._start + a:self._start + b].copy() if b > a else np.zeros(0, np.float32)
 
     def drop_front(self, n: int) -> None:
         self._start = min(self._end, self._start + max(0, n))
 
     def drop_back(self, n: int) -> None:
         self._end = max(self._start, self._end - max(0, n))
+
+    def fill(self, a: int, b: int, value: float) -> None:
+        """Set samples ``[a, b)`` (clipped to the buffer) to ``value``."""
+        a, b = max(0, a), min(len(self), b)
+        if b > a:
+            self._data[self._start + a:self._start + b] = value
+
+    def max(self, a: int, b: int) -> float:
+        """The largest of samples ``[a, b)`` (clipped to the buffer; 0 when empty)."""
+        a, b = max(0, a), min(len(self), b)
+        return float(self._data[self._start + a:self._start + b].max()) if b > a else 0.0
 
 class _Alignment:
     """Where a fresh hypothesis's text meets the committed text, compared on letters and digits.

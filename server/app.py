@@ -31,6 +31,7 @@ from jax_realtime.batcher import Batcher
 from jax_realtime.capacity import Capacity, LoadMeter, calibrate
 from jax_realtime.config import ConfigError, ServiceConfig, load_config
 from jax_realtime.engine import DecodeRequest, Engine, compile_stats
+from jax_realtime.vad import VADBatcher, shared as shared_vad
 
 from .metrics import Metrics
 
@@ -51,6 +52,7 @@ class Service:
     warmup_seconds: float
     metrics: Metrics
     load: LoadMeter
+    vad: VADBatcher | None = None  # voice activity for the realtime sessions ([stream] vad)
     sessions: set = dataclasses.field(default_factory=set)
     requests_in_flight: int = 0  # REST transcriptions being decoded
     draining: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # set on SIGTERM/SIGINT
@@ -173,7 +175,9 @@ def create_app(config: ServiceConfig | str | os.PathLike | None = None) -> Quart
         per_session = await asyncio.to_thread(calibrate_streaming, engine, config)
         load = LoadMeter(per_session, target=config.server.target_load)
         batcher = Batcher(engine, gather_s=config.server.batch_gather_s)
-        service = Service(config, engine, batcher, model_names(config, engine), time.time(), warmup, metrics, load)
+        vad = VADBatcher(await asyncio.to_thread(shared_vad)) if config.stream.vad else None  # loaded now, not mid-session
+        service = Service(config, engine, batcher, model_names(config, engine), time.time(), warmup, metrics, load,
+                          vad)
         batcher.on_batch = service.observe_batch
         metrics.attach(service)
         app.extensions["jax_realtime"] = service

@@ -28,6 +28,7 @@ from jax_realtime.audio import SAMPLE_RATE, Leveller, pcm16_to_float32
 from jax_realtime.batcher import Busy, EngineError
 from jax_realtime.engine import DecodeRequest
 from jax_realtime.streaming import Utterance
+from jax_realtime.vad import FRAME, THRESHOLD, VADStream
 
 from . import protocol as p
 from .app import Service
@@ -378,13 +379,18 @@ class RealtimeConnection:
             # Steps are taken on a clock shared by all sessions (see _next_tick) once a quarter
             # step of new audio is there; a finishing utterance is decoded at once.
             min_new = self.service.config.stream.step_s / 4
+            hearing = _Hearing(self.service.vad, utterance) if self.service.vad is not None else None
             while not utterance.done:
+                if hearing is not None:
+                    await hearing.listen()
                 if not utterance.wants_decode(min_new):
                     self._audio_arrived.clear()
                     await self._audio_arrived.wait()
                     continue
                 if not utterance.finishing:
                     await self._next_tick(utterance)
+                    if hearing is not None:
+                        await hearing.listen()
                     if not utterance.wants_decode(min_new):
                         continue
                 window = utterance.next_window()
@@ -433,3 +439,22 @@ class RealtimeConnection:
             self.service.note_streaming()
             if self.draining:
                 self._closing.set()
+
+
+class _Hearing:
+    """Feeds an utterance's new audio to the service's VAD (batched across sessions, off the event
+    loop) and marks what it hears as speech or not (see Utterance.mark_speech)."""
+
+    def __init__(self, vad, utterance: Utterance):
+        self.vad, self.utterance = vad, utterance
+        self.stream = VADStream()
+        self.origin = 0  # utterance sample of the stream's first sample
+
+    async def listen(self) -> None:
+        start, samples = self.utterance.vad_input()
+        if not len(samples):
+            return
+        if start != self.origin + self.stream.consumed + len(self.stream.carry):  # the window moved past it
+            self.stream, self.origin = VADStream(), start
+        first, probs = await self.vad.feed(self.stream, samples)
+        self.utterance.mark_speech(self.origin + first, FRAME, probs >= THRESHOLD)

@@ -290,3 +290,56 @@ def test_a_last_window_whisper_stops_early_in_is_decoded_on(tiny_tokenizer):
     utterance.apply(rest, Result(rest.prefix + second + [stamp(tok, 6.5)]))
     assert utterance.done and utterance.text == tok.decode(first + second).lstrip()
     covered(utterance)
+
+
+def test_audio_the_vad_hears_no_speech_in_is_not_decoded_and_leaves_the_window(tiny_tokenizer):
+    tok = tiny_tokenizer
+    settings = StreamConfig(step_s=1.0, agreement=1, holdback_tokens=0, trim_after_s=4.0, max_window_s=10.0)
+    utterance = Utterance(settings, tok)
+    words = tok.encode(" That is all.")
+
+    framed = [0]  # as a VAD frames a stream: 512-sample frames, back to back
+
+    def hear(speech_until: int) -> None:
+        start, samples = utterance.vad_input()
+        n = (start + len(samples) - framed[0]) // 512
+        voiced = [framed[0] + 512 * (k + 1) <= speech_until for k in range(n)]
+        utterance.mark_speech(framed[0], 512, np.array(voiced, bool))
+        framed[0] += 512 * n
+
+    utterance.add_audio(speech(2.0))
+    hear(round(1.2 * SAMPLE_RATE))  # speech ends a little after Whisper says its text does (within tolerance)
+    assert utterance.wants_decode()
+    utterance.apply(utterance.next_window(), Result([stamp(tok, 0.0)] + words + [stamp(tok, 1.0)]))
+    assert utterance.text == tok.decode(words).lstrip()  # closed 1 s before the end: committed whole
+    for second in range(6):  # silence: no decode, and the window does not grow
+        utterance.add_audio(np.zeros(SAMPLE_RATE, np.float32))
+        hear(SAMPLE_RATE)
+        assert not utterance.wants_decode(), second
+    assert utterance.window_samples <= 1.1 * SAMPLE_RATE  # the silence left, but its last second
+    reasons = [s.reason for s in utterance.stretches]
+    assert reasons[0] == "text" and set(reasons[1:]) == {"silence"}, reasons
+    covered(utterance)
+    utterance.add_audio(speech(1.0))  # speech again: decoded
+    hear(20 * SAMPLE_RATE)
+    assert utterance.wants_decode()
+
+
+def test_speech_the_vad_hears_after_the_text_keeps_the_window(tiny_tokenizer):
+    """Whisper closes its text at 1 s, the VAD hears speech on to 3 s: that is speech Whisper did not
+    transcribe, so the window is not cut there and the audio keeps being decoded."""
+    tok = tiny_tokenizer
+    settings = StreamConfig(step_s=1.0, agreement=1, holdback_tokens=0, trim_after_s=4.0, max_window_s=10.0)
+    utterance = Utterance(settings, tok)
+    words = tok.encode(" That is all.")
+    utterance.add_audio(speech(3.0))
+    start, samples = utterance.vad_input()
+    utterance.mark_speech(start, 512, np.ones(len(samples) // 512, bool))
+    for _ in range(4):
+        window = utterance.next_window()
+        utterance.apply(window, Result(window.prefix or [stamp(tok, 0.0)] + words + [stamp(tok, 1.0)]))
+        utterance.add_audio(np.zeros(SAMPLE_RATE, np.float32))
+        start, samples = utterance.vad_input()
+        utterance.mark_speech(start, 512, np.zeros(len(samples) // 512, bool))
+        assert utterance.wants_decode()
+    assert utterance.stretches == []
