@@ -54,6 +54,13 @@ def default_cache_dir() -> str:
 
 DEFAULT_MODEL = "tiny.en"
 
+# Whisper's longest decoder prompt: half the text context (448 // 2 = 224) less one is the most
+# previous text it conditions on (223 tokens), plus <|startofprev|>, plus the start sequence
+# (<|startoftranscript|>, language, task, <|notimestamps|>).  A forced prefix (at most 223 tokens,
+# one less than a window's 224) after the start sequence is no longer.  The engine prefills a
+# prompt in the smallest bucket that holds it, so the largest bucket must hold this one.
+MIN_LARGEST_PROMPT_BUCKET = 223 + 1 + 4
+
 
 class EngineConfig(BaseModel):
     """What the engine compiles and how.
@@ -66,7 +73,8 @@ class EngineConfig(BaseModel):
       30 s must be present for long-form audio and for the fallback from a short window.
     * ``prompt_buckets``: lengths of the token prefix (previous text + start-of-transcript
       sequence) the decoder prefills in one pass.  The largest must hold Whisper's longest
-      prompt: 223 previous tokens + ``<|startofprev|>`` + 4 = 228.
+      prompt, ``MIN_LARGEST_PROMPT_BUCKET``: 223 previous tokens + ``<|startofprev|>`` + 4 = 228
+      (a forced prefix of up to 223 tokens after the start sequence fits it too).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -111,8 +119,11 @@ class EngineConfig(BaseModel):
     def _full_window_present(self) -> "EngineConfig":
         if max(self.window_buckets) != CHUNK_LENGTH:
             raise ValueError(f"window_buckets must include {CHUNK_LENGTH} s (Whisper's full window)")
-        if max(self.prompt_buckets) < 8:
-            raise ValueError("the largest prompt bucket must hold at least the start sequence (8)")
+        if max(self.prompt_buckets) < MIN_LARGEST_PROMPT_BUCKET:
+            raise ValueError(
+                f"prompt_buckets: the largest bucket ({max(self.prompt_buckets)}) must hold Whisper's longest prompt, "
+                f"{MIN_LARGEST_PROMPT_BUCKET} tokens (223 of previous text + <|startofprev|> + the 4-token start "
+                f"sequence); add a bucket of at least {MIN_LARGEST_PROMPT_BUCKET}, e.g. 232")
         return self
 
 

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from jax_realtime.config import (
     DEFAULT_MODEL,
+    MIN_LARGEST_PROMPT_BUCKET,
     ConfigError,
     EngineConfig,
     ServiceConfig,
@@ -91,9 +92,15 @@ def test_full_window_is_required():
     assert "30" in text
 
 
-def test_prompt_buckets_must_hold_the_start_sequence():
-    _invalid("prompt", prompt_buckets=(4, 7))
-    assert EngineConfig(prompt_buckets=(8,)).prompt_buckets == (8,)
+def test_prompt_buckets_must_hold_whispers_longest_prompt():
+    """The largest bucket must hold 223 tokens of previous text + <|startofprev|> + 4: a smaller one
+    would leave a long streaming prompt (or forced prefix) without a bucket."""
+    for bad in ((4, 7), (8,), (8, 64, 227)):
+        text = _invalid("prompt_buckets", prompt_buckets=bad)
+        assert f"the largest bucket ({max(bad)}) must hold Whisper's longest prompt, 228 tokens" in text, text
+    assert MIN_LARGEST_PROMPT_BUCKET == 228
+    assert EngineConfig(prompt_buckets=(8, 228)).prompt_buckets == (8, 228)
+    assert EngineConfig(prompt_buckets=(232,)).prompt_buckets == (232,)
 
 
 @pytest.mark.parametrize("field,bad", [("dtype", "int8"), ("model", ""), ("batch_buckets", (1.5, 4)),

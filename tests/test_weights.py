@@ -291,7 +291,7 @@ def test_int8_engine_transcribes_like_fp16(tmp_path, int8_dir):
     from jax_realtime.config import EngineConfig
     from jax_realtime.engine import DecodeRequest, Engine
 
-    buckets = dict(batch_buckets=(1,), window_buckets=(30.0,), prompt_buckets=(8,), cache_dir=str(tmp_path))
+    buckets = dict(batch_buckets=(1,), window_buckets=(30.0,), prompt_buckets=(8, 232), cache_dir=str(tmp_path))
     refs = [r for r in load_refs("hifitts") if 2.0 <= r["duration_s"] <= 3.0][:2]
     assert refs
     requests = [DecodeRequest(load_clip(r)) for r in refs]
