@@ -198,8 +198,9 @@ class ServerConfig(BaseModel):
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     # API keys: with any configured (here, in api_key_file or in $JAX_REALTIME_API_KEY), every /v1/
     # route (REST and the WebSocket handshake) needs ``Authorization: Bearer <one of them>``.
+    # ``api_key_file`` is one path or a list of them.
     api_keys: tuple[str, ...] = ()
-    api_key_file: str | None = None
+    api_key_file: str | tuple[str, ...] | None = None
     # REST: the largest request body accepted (the uploaded file plus the form), in MiB, and the time
     # a request may take, from its arrival to the last byte of the answer (upload included).
     max_upload_mb: float = Field(25.0, gt=0, le=4096)
@@ -218,22 +219,28 @@ class ServerConfig(BaseModel):
 
     @field_validator("api_key_file")
     @classmethod
-    def _key_file(cls, value: str | None) -> str | None:
-        if value is not None:
-            read_api_key_file(value)  # fail at load time, naming the file
+    def _key_file(cls, value: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
+        for path in (value,) if isinstance(value, str) else value or ():
+            read_api_key_file(path)  # fail at load time, naming the file
         return value
+
+    @property
+    def api_key_files(self) -> tuple[str, ...]:
+        """``api_key_file`` as a tuple of paths (empty when there is none)."""
+        value = self.api_key_file
+        return (value,) if isinstance(value, str) else tuple(value or ())
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
 
     def effective_api_keys(self, environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
-        """Every accepted key: ``api_keys``, the key file's, and ``$JAX_REALTIME_API_KEY``'s (one key,
+        """Every accepted key: ``api_keys``, the key files', and ``$JAX_REALTIME_API_KEY``'s (one key,
         or several separated by commas).  Empty: no authentication."""
         environ = os.environ if environ is None else environ
         keys = list(self.api_keys)
-        if self.api_key_file is not None:
-            keys += read_api_key_file(self.api_key_file)
+        for path in self.api_key_files:
+            keys += read_api_key_file(path)
         env = environ.get(API_KEY_ENV, "")
         if env.strip():
             keys += [_check_api_key(k.strip(), f"${API_KEY_ENV}") for k in env.split(",") if k.strip()]

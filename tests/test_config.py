@@ -298,6 +298,39 @@ def test_api_key_file_problems_name_the_file(tmp_path):
     assert f"api_key_file {bad}, key 2: an API key may only hold" in msg and "secret with" not in msg
 
 
+def test_api_key_file_takes_one_path_or_several(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("key-a\n")
+    b.write_text("key-b\nkey-a\n")
+    one = load_config(_write(tmp_path, f'[server]\napi_key_file = "{a}"\n'))
+    assert one.server.api_key_files == (str(a),) and one.server.effective_api_keys({}) == ("key-a",)
+    both = load_config(_write(tmp_path, f'[server]\napi_key_file = ["{a}", "{b}"]\n'))
+    assert both.server.api_key_files == (str(a), str(b))
+    assert both.server.effective_api_keys({}) == ("key-a", "key-b")
+    assert f"api_key_file {tmp_path / 'c.txt'}: cannot read" in _config_error(
+        None, server={"api_key_file": [str(a), str(tmp_path / "c.txt")]})
+
+
+def test_serve_flags_add_to_the_configs_keys(tmp_path):
+    """``--api-key``/``--api-key-file`` add to the config's api_keys and api_key_file (and the
+    environment's keys), as the README says: every source is accepted together."""
+    from jax_realtime.cli import build_parser
+    from server.cli import add_serve, serve_config
+
+    config_file, flag_file = tmp_path / "config-keys.txt", tmp_path / "flag-keys.txt"
+    config_file.write_text("config-file-key\n")
+    flag_file.write_text("flag-file-key\n")
+    path = _write(tmp_path, f'[server]\napi_keys = ["config-key"]\napi_key_file = "{config_file}"\n')
+    parser = build_parser(add_serve)
+    args = parser.parse_args(["serve", "--config", path, "--api-key", "flag-1", "--api-key", "flag-2",
+                              "--api-key-file", str(flag_file)])
+    server = serve_config(args).server
+    assert server.effective_api_keys({"JAX_REALTIME_API_KEY": "env-key"}) == (
+        "config-key", "flag-1", "flag-2", "config-file-key", "flag-file-key", "env-key")
+    assert serve_config(parser.parse_args(["serve", "--config", path])).server.effective_api_keys({}) == (
+        "config-key", "config-file-key")
+
+
 def test_bad_env_key_is_reported():
     config = load_config(server={"api_keys": ("k",)})
     with pytest.raises(ValueError, match=r"\$JAX_REALTIME_API_KEY: an API key may only hold"):
