@@ -205,6 +205,14 @@ class ServerConfig(BaseModel):
     # a request may take, from its arrival to the last byte of the answer (upload included).
     max_upload_mb: float = Field(25.0, gt=0, le=4096)
     request_timeout_s: float = Field(600.0, gt=0)
+    # REST: the longest audio an upload may decode to.  The body cap bounds compressed bytes only:
+    # 25 MB of FLAC silence or 6 kb/s Opus is many hours.  Decoded audio is 16 kHz float32,
+    # 64 kB a second: 3 h is 691 MB per request (the decode stops as soon as the cap is passed).
+    max_audio_s: float = Field(3 * 3600.0, gt=0)
+    # REST: transcription/translation requests in progress at once (upload parsed -> answer sent,
+    # the audio decoding included); one more is answered 503 with Retry-After.  Each holds its body
+    # (<= max_upload_mb) and its decoded audio (<= max_audio_s at 64 kB/s) until it ends.
+    max_concurrent_requests: int = Field(4, ge=1)
     # On SIGTERM/SIGINT: how long running utterances and requests get to finish before the sockets
     # close (keep it below Hypercorn's graceful_timeout when running under the hypercorn command).
     drain_timeout_s: float = Field(25.0, ge=0)

@@ -3,8 +3,8 @@
 Start-up (``before_serving``) loads the model and compiles every shape bucket before Hypercorn
 accepts the first connection, then starts the batcher as a background task.  ``create_app`` also
 installs the API-key check (``auth.py``), OpenAI-style error bodies (``errors.py``), the REST
-upload cap and timeouts (``[server]`` max_upload_mb, request_timeout_s) and the metrics registry
-(``metrics.py``).  Two ways to run it:
+limits (``[server]`` max_upload_mb, request_timeout_s, max_audio_s, max_concurrent_requests) and
+the metrics registry (``metrics.py``).  Two ways to run it:
 
     jax-realtime serve --config configs/cpu-tiny.toml
     JAX_REALTIME_CONFIG=configs/cpu-tiny.toml hypercorn -c configs/hypercorn.toml 'server.app:create_app()'
@@ -47,6 +47,7 @@ class Service:
     metrics: Metrics = dataclasses.field(default_factory=Metrics)
     sessions: set = dataclasses.field(default_factory=set)
     requests_in_flight: int = 0  # REST transcriptions being decoded
+    rest_active: int = 0  # REST audio requests holding one of max_concurrent_requests (rest.py)
     draining: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # set on SIGTERM/SIGINT
     stopped: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # set once drained
 
@@ -127,6 +128,7 @@ def create_app(config: ServiceConfig | str | os.PathLike | None = None) -> Quart
     app.request_class = _Request
     app.config["SERVICE_CONFIG"] = config
     app.config["MAX_CONTENT_LENGTH"] = limits.max_upload_bytes  # REST bodies; over it: 400 (errors.py)
+    app.config["MAX_FORM_MEMORY_SIZE"] = 64 * 1024  # one form field (not the file): a prompt is 4096 chars at most
     app.config["BODY_TIMEOUT"] = limits.request_timeout_s  # an upload slower than this: 408
     app.config["RESPONSE_TIMEOUT"] = limits.request_timeout_s + 30  # a backstop: routes keep their own deadline
     app.extensions["jax_realtime_metrics"] = metrics

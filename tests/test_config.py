@@ -331,6 +331,13 @@ def test_serve_flags_add_to_the_configs_keys(tmp_path):
         "config-key", "config-file-key")
 
 
+def test_new_server_limits_defaults_and_validation(tmp_path):
+    s = ServiceConfig().server
+    assert s.max_audio_s == 3 * 3600 and s.max_concurrent_requests == 4
+    for key, bad in (("max_audio_s", 0), ("max_concurrent_requests", 0)):
+        assert f"server.{key}" in _config_error(None, server={key: bad})
+
+
 def test_bad_env_key_is_reported():
     config = load_config(server={"api_keys": ("k",)})
     with pytest.raises(ValueError, match=r"\$JAX_REALTIME_API_KEY: an API key may only hold"):
