@@ -213,6 +213,12 @@ class ServerConfig(BaseModel):
     # the audio decoding included); one more is answered 503 with Retry-After.  Each holds its body
     # (<= max_upload_mb) and its decoded audio (<= max_audio_s at 64 kB/s) until it ends.
     max_concurrent_requests: int = Field(4, ge=1)
+    # The batcher's queue: windows waiting for the engine; one more is refused (REST: 503,
+    # realtime: an error event).  None: 2 x (max_sessions + max_concurrent_requests), twice what
+    # can be waiting in normal operation (a streaming session and a REST request each have at most
+    # one window queued).  A waiting window holds at most 30 s of 16 kHz float32 audio (1.9 MB),
+    # so the default (136) bounds the queue at about 260 MB.
+    max_pending: int | None = Field(None, ge=1)
     # On SIGTERM/SIGINT: how long running utterances and requests get to finish before the sockets
     # close (keep it below Hypercorn's graceful_timeout when running under the hypercorn command).
     drain_timeout_s: float = Field(25.0, ge=0)
@@ -241,6 +247,13 @@ class ServerConfig(BaseModel):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def effective_max_pending(self) -> int:
+        """``max_pending``, or its default: 2 x (max_sessions + max_concurrent_requests)."""
+        if self.max_pending is not None:
+            return self.max_pending
+        return 2 * (self.max_sessions + self.max_concurrent_requests)
 
     def effective_api_keys(self, environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
         """Every accepted key: ``api_keys``, the key files', and ``$JAX_REALTIME_API_KEY``'s (one key,

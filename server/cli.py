@@ -7,7 +7,7 @@ import sys
 from jax_realtime.cli import add_engine_flags, build_parser, config_from_args
 from jax_realtime.cli import main as library_main
 
-from .app import create_app
+from .app import create_app, startup_error, wait_stopped
 
 
 def serve_config(args):
@@ -33,18 +33,21 @@ def cmd_serve(args) -> int:
     config = serve_config(args)
     hypercorn = HypercornConfig.from_toml(args.hypercorn_config) if args.hypercorn_config else HypercornConfig()
     hypercorn.bind = [f"{config.server.host}:{config.server.port}"]
-    if not args.hypercorn_config:
-        hypercorn.startup_timeout = 3600  # the first start compiles every bucket
+    if not args.hypercorn_config:  # (start-up returns at once: the engine warms in the background)
         hypercorn.graceful_timeout = config.server.drain_timeout_s + 5
         hypercorn.accesslog = "-"
     app = create_app(config)
 
-    async def drained() -> None:  # SIGTERM/SIGINT drain the service first (see server/app.py)
-        from .app import service_of
+    async def stopped() -> None:  # SIGTERM/SIGINT drain the service first; a failed start stops it (app.py)
+        await wait_stopped(app)
 
-        await service_of(app).stopped.wait()
-
-    asyncio.run(serve(app, hypercorn, shutdown_trigger=drained))
+    try:
+        asyncio.run(serve(app, hypercorn, shutdown_trigger=stopped))
+    except Exception:
+        error = startup_error(app)
+        if error is None:
+            raise
+        raise error from None  # "error: <why the model could not be loaded>", exit status 2
     return 0
 
 

@@ -383,9 +383,12 @@ async def model(model_id: str):
 
 @rest.get("/health")
 async def health():
-    service = current_app.extensions.get("jax_realtime")
-    if service is None:  # before_serving has not finished warming the engine
-        return {"status": "starting"}, 503
+    from .app import LIFECYCLE
+
+    lifecycle = current_app.extensions[LIFECYCLE]
+    service = lifecycle.service
+    if service is None:  # the engine is loading and compiling (or failed to, and the server is stopping)
+        return {"status": lifecycle.state}, 503
     from jax_realtime.engine import compile_stats
 
     body = {

@@ -333,8 +333,12 @@ def test_serve_flags_add_to_the_configs_keys(tmp_path):
 
 def test_new_server_limits_defaults_and_validation(tmp_path):
     s = ServiceConfig().server
-    assert s.max_audio_s == 3 * 3600 and s.max_concurrent_requests == 4
-    for key, bad in (("max_audio_s", 0), ("max_concurrent_requests", 0)):
+    assert s.max_audio_s == 3 * 3600 and s.max_concurrent_requests == 4 and s.max_pending is None
+    assert s.effective_max_pending == 2 * (64 + 4) == 136  # 2 x (max_sessions + max_concurrent_requests)
+    s = load_config(server={"max_sessions": 10, "max_concurrent_requests": 2}).server
+    assert s.effective_max_pending == 24
+    assert load_config(server={"max_pending": 7}).server.effective_max_pending == 7
+    for key, bad in (("max_audio_s", 0), ("max_concurrent_requests", 0), ("max_pending", 0)):
         assert f"server.{key}" in _config_error(None, server={key: bad})
 
 
