@@ -108,6 +108,14 @@ class AudioTooLong(AudioError):
 _BLOCK_FRAMES = 1 << 18  # frames read at a time (~6 s at 44.1 kHz)
 
 
+def _clearly_over(stated_s: float, max_seconds: float) -> bool:
+    """Whether a header's length is over the cap by more than an estimate's error (5 % + 1 s):
+    refused then without decoding.  Headers of MP3 (libsndfile) or of ADTS AAC (FFmpeg) may hold
+    an estimate, and a file just under the cap must not be refused for it; anything between is
+    decoded and counted, which holds the cap exactly."""
+    return stated_s > max_seconds * 1.05 + 1.0
+
+
 class _MonoAt16k:
     """Blocks of ``[frames, channels]`` float32 at ``rate`` -> one mono 16 kHz float32 array.
 
@@ -165,7 +173,7 @@ def _read_with_sndfile(source, name: str, max_seconds: float | None) -> np.ndarr
 
     with sf.SoundFile(source) as f:
         frames = f.frames if 0 <= f.frames < 2**62 else None  # a stream of unknown length reports a huge count
-        if max_seconds is not None and frames is not None and frames > math.floor(max_seconds * f.samplerate):
+        if max_seconds is not None and frames is not None and _clearly_over(frames / f.samplerate, max_seconds):
             raise AudioTooLong(name, max_seconds, frames / f.samplerate)
         out = _MonoAt16k(name, f.samplerate, max_seconds, frames)
         while True:
@@ -191,11 +199,11 @@ def _read_with_av(source, name: str, max_seconds: float | None) -> np.ndarray | 
             stream = next((s for s in container.streams if s.type == "audio"), None)
             if stream is None:
                 return None
-            # a stated duration longer than the limit is refused at once; one that is absent (a
-            # browser's MediaRecorder webm) or understated is caught by counting decoded samples
+            # a stated duration clearly over the limit is refused at once; one that is absent (a
+            # browser's MediaRecorder webm), understated or near it is caught by counting samples
             if max_seconds is not None and container.duration is not None:
                 stated = container.duration / av.time_base
-                if stated > max_seconds + 1.0:
+                if _clearly_over(stated, max_seconds):
                     raise AudioTooLong(name, max_seconds, stated)
             # packed float32 at the stream's own layout and rate (fixed by the first frame): the
             # channels are averaged and the rate converted as for libsndfile's formats
