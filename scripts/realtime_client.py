@@ -3,8 +3,9 @@
 * Audio: :func:`to_pcm16` (float32 in [-1, 1] -> PCM16 LE bytes, the inverse of the server's
   decoding), :func:`chunk_pcm` (100 ms appends by default), :func:`b64`, :func:`join_clips`.
 * :class:`ServerProcess`: a server child process on a local port, ready once ``GET /health``
-  answers 200 (it answers 503 ``starting`` while the engine warms); :meth:`ServerProcess.serve` builds ``jax-realtime serve --config FILE --port <free>``,
-  the constructor takes any command (Hypercorn on ``create_app()``, say).  Output goes to a log
+  answers 200 (it answers 503 ``starting`` while the engine warms); :meth:`ServerProcess.serve`
+  builds ``jax-realtime serve --config FILE --port <free>``, the constructor takes any command
+  (Hypercorn on ``create_app()``, say).  Output goes to a log
   file (:meth:`~ServerProcess.log_tail`); :meth:`~ServerProcess.stop` sends SIGINT (graceful
   shutdown), then kills.  A context manager, and stopped at interpreter exit.
 * :class:`RealtimeClient`: one connection, one event at a time (``update``, ``append``,

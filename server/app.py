@@ -143,7 +143,8 @@ class Lifecycle:
 LIFECYCLE = "jax_realtime_lifecycle"
 
 
-def starting_error() -> "APIError":
+def starting_error():
+    """The 503 of ``/v1/`` while the engine warms."""
     from .errors import APIError
 
     return APIError(503, "The server is starting: the model is loading and compiling. Retry later.",

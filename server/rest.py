@@ -227,8 +227,8 @@ class _Slot:
     def __init__(self, service) -> None:
         limit = service.config.server.max_concurrent_requests
         if service.rest_active >= limit:
-            raise APIError(503, f"The server is busy: {service.rest_active} transcription requests are in progress "
-                                f"(this server's limit is {limit}). Retry later.", headers={"Retry-After": "1"})
+            raise APIError(503, f"The server is busy: it is at its limit of {limit} transcription requests in "
+                                "progress at once. Retry later.", headers={"Retry-After": "1"})
         service.rest_active += 1
         self._service = service
         self._held = True
