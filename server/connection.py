@@ -28,6 +28,7 @@ from jax_realtime.audio import SAMPLE_RATE, Leveller, pcm16_to_float32
 from jax_realtime.batcher import Busy, EngineError
 from jax_realtime.engine import DecodeRequest
 from jax_realtime.streaming import Utterance
+from jax_realtime.tokenizer import MAX_PROMPT_CHARS
 from jax_realtime.vad import FRAME, THRESHOLD, VADStream
 
 from . import protocol as p
@@ -255,6 +256,9 @@ class RealtimeConnection:
             tokenizer.sot_sequence(event.language, event.task)  # validates language and task
         except ValueError as exc:
             raise p.ProtocolError(p.PROCESSING_ERROR, str(exc)) from None
+        if event.prompt and len(event.prompt) > MAX_PROMPT_CHARS:
+            raise p.ProtocolError(p.PROCESSING_ERROR, f"prompt: at most {MAX_PROMPT_CHARS} characters, "
+                                                      f"not {len(event.prompt)}")
         self.prompt_tokens = tokenizer.encode(" " + event.prompt.strip()) if event.prompt else []
         self.session = p.SessionUpdated.from_update(event)
         if self.state is State.UNVALIDATED:

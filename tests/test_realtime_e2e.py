@@ -304,6 +304,9 @@ def test_processing_error_for_bad_commit_and_bad_language(check_server):
             assert err["error"].startswith("Invalid input_audio_buffer.commit event: final"), err
             await c.send("session.update", model="tiny.en", language="xx")
             await c.expect_error("processing_error")
+            await c.send("session.update", model="tiny.en", prompt="word " * 1000)  # 5000 characters
+            err = await c.expect_error("processing_error")
+            assert err["error"] == "prompt: at most 4096 characters, not 5000", err
             # extra keys (event_id) are accepted; the session is still validated
             await c.send("input_audio_buffer.commit", event_id="evt_1")
             await c.stream(audio(SHORT))

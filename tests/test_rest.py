@@ -5,9 +5,10 @@ No mocks. Two servers, child processes on real tiny.en weights with the small te
 * ``open_server``: ``jax-realtime serve`` without keys, ``max_upload_mb = 4``: every response
   format, streaming, the offline comparison, every error case, models, health, metrics, and REST
   with realtime sessions on the one batcher.
-* ``secured``: keys from all three sources at once (``--api-key``, ``$JAX_REALTIME_API_KEY``, an
-  ``--api-key-file`` with two keys) and ``--request-timeout 8``: auth on REST and on the WebSocket
-  handshake, the request timeout and the slow-upload timeout.
+* ``secured``: keys from every source at once (the config's ``api_keys`` and ``api_key_file``,
+  ``--api-key``, an ``--api-key-file`` with two keys, ``$JAX_REALTIME_API_KEY``: the flags add to
+  the config's keys, they do not replace them) and ``--request-timeout 8``: auth on REST and on the
+  WebSocket handshake, the request timeout and the slow-upload timeout.
 
 What "the same final text" means here (``test_realtime_gives_the_rest_text``): REST transcribes
 the whole file at once; a realtime session transcribes while audio arrives.  When the session
@@ -134,7 +135,9 @@ def open_server(tmp_path_factory):
 FLAG_KEY = "flag-" + secrets.token_hex(8)
 ENV_KEY = "env-" + secrets.token_hex(8)
 FILE_KEYS = ("file-" + secrets.token_hex(8), "file-" + secrets.token_hex(8))
-ALL_KEYS = (FLAG_KEY, ENV_KEY) + FILE_KEYS
+CONFIG_KEY = "config-" + secrets.token_hex(8)
+CONFIG_FILE_KEY = "config-file-" + secrets.token_hex(8)
+ALL_KEYS = (FLAG_KEY, ENV_KEY) + FILE_KEYS + (CONFIG_KEY, CONFIG_FILE_KEY)
 REQUEST_TIMEOUT = 8.0
 
 
@@ -143,9 +146,11 @@ def secured(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("secured")
     key_file = tmp / "keys.txt"
     key_file.write_text(f"# API keys, one per line\n{FILE_KEYS[0]}\n\n   {FILE_KEYS[1]}   \n")
+    config_key_file = tmp / "config-keys.txt"
+    config_key_file.write_text(CONFIG_FILE_KEY + "\n")
     proc = start(tmp, "secured", extra_args=["--api-key", FLAG_KEY, "--api-key-file", str(key_file),
                                              "--request-timeout", str(REQUEST_TIMEOUT)],
-                 env={"JAX_REALTIME_API_KEY": ENV_KEY})
+                 env={"JAX_REALTIME_API_KEY": ENV_KEY}, api_keys=[CONFIG_KEY], api_key_file=str(config_key_file))
     yield proc
     proc.stop()
 
@@ -593,7 +598,7 @@ def test_rest_requires_a_key(secured):
         assert got_headers["www-authenticate"].startswith("Bearer")
         assert_error(*post_form(secured, {"model": "tiny.en"}, {"file": ("c.wav", wav(TINY))}, headers=headers),
                      401, "AuthenticationError", None)
-    # every configured key works: flag, environment, both lines of the file
+    # every configured key works: flag, environment, both lines of the flag's file, the config's key and file
     for key in ALL_KEYS:
         assert [m.id for m in sdk(secured, key).models.list()][0] == "tiny.en"
     request_headers = {"Authorization": f"bearer {FILE_KEYS[1]}"}  # the scheme is case-insensitive
