@@ -291,8 +291,7 @@ class Leveller:
     the first words of a quiet speaker right after a loud one must not stay quiet.  The gain brings
     the envelope to ``target_db``, between ``min_gain_db`` and ``max_gain_db``: loud speech is turned
     down as quiet speech is turned up, so that the two meet (Whisper still skips a passage 15 dB
-    below its neighbour in the same window).  The gain brings the envelope to ``target_db``, between 0 and ``max_gain_db``
-    (it never attenuates), and moves linearly across each frame.  Causal: a sample's gain depends on
+    below its neighbour in the same window).  The gain moves linearly across each frame.  Causal: a sample's gain depends on
     what came before it only, so audio already decoded never changes.  Samples are clipped to [-1, 1].
     """
 
