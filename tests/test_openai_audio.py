@@ -82,8 +82,8 @@ def test_turn_detector_on_probabilities():
     detector = TurnDetector(settings)
     probs = np.array([0.1] * 20 + [0.9] * 30 + [0.2] * 20 + [0.9] * 5 + [0.1] * 16, np.float32)
     events = detector.frames(0, probs[:60]) + detector.frames(60 * FRAME, probs[60:])
-    assert events == [("start", 20 * FRAME - 4800), ("stop", (50 + 16) * FRAME), ("start", (70 * FRAME) - 4800),
-                      ("stop", (75 + 16) * FRAME)]
+    assert events == [("start", 20 * FRAME - 4800), ("stop", (50 + 16) * FRAME), ("start", 66 * FRAME),
+                      ("stop", (75 + 16) * FRAME)]  # the second turn's prefix stops at the first one's end
     # a short pause does not end the turn; the prefix never reaches back past the previous turn
     detector = TurnDetector(settings)
     probs = np.array([0.9] * 10 + [0.1] * 10 + [0.9] * 10 + [0.1] * 16 + [0.9] * 2 + [0.1] * 16, np.float32)
