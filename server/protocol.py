@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -231,6 +232,7 @@ def parse_client_event(text: str) -> ClientEvent:
     =========================================  ==================  ==============================
     not JSON                                   invalid_json        ``Invalid JSON``
     JSON, but not an object                    processing_error    vLLM's exception text
+    a string with a lone UTF-16 surrogate      processing_error    ``Invalid text: ...``
     ``type`` missing, null or unknown          unknown_event       ``Unknown event type: <type>``
     ``session.update`` with no/null ``model``  invalid_event       ``Missing required field: model``
     a field missing or of the wrong type       processing_error    ``Invalid <type> event: ...``
@@ -244,6 +246,10 @@ def parse_client_event(text: str) -> ClientEvent:
         # Valid JSON that Python will not materialise (an integer over the digit limit, nesting
         # deeper than the recursion limit). vLLM reports these as processing_error too.
         raise ProtocolError(ErrorCode.PROCESSING_ERROR, str(exc)) from None
+    if _SURROGATE_ESCAPE.search(text) and _holds_lone_surrogate(obj):
+        # ``"\ud800"`` is valid JSON, but no UTF-8 text: echoed in an error event (an unknown type, a
+        # model name) or tokenised (a prompt) it would fail there instead, ending the session.
+        raise ProtocolError(ErrorCode.PROCESSING_ERROR, LONE_SURROGATE_MESSAGE)
     if not isinstance(obj, dict):
         # vLLM calls ``event.get("type")`` on whatever json.loads returned; the resulting
         # AttributeError text is what its clients see. Reproduced verbatim.
@@ -254,6 +260,32 @@ def parse_client_event(text: str) -> ClientEvent:
         return _CLIENT_EVENT.validate_python(obj)
     except ValidationError as exc:
         raise _translate_validation_error(obj, exc) from None
+
+
+# A \u escape of a UTF-16 surrogate (D800-DFFF); only text holding one can decode to a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+LONE_SURROGATE_MESSAGE = "Invalid text: a JSON string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff)"
+
+
+def _holds_lone_surrogate(obj: object) -> bool:
+    """Whether a key or string anywhere in ``obj`` holds a lone surrogate (json.loads joins the
+    escapes of a pair into one character, so what is left cannot be encoded).  Iterative: ``obj``
+    may be nested as deep as json.loads allowed."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _translate_validation_error(obj: dict, exc: ValidationError) -> ProtocolError:

@@ -130,6 +130,32 @@ def test_unmaterialisable_json_is_processing_error():
     assert err.code == "processing_error" and err.message
 
 
+@pytest.mark.parametrize("text", [
+    r'{"type": "\ud800"}',  # echoed in unknown_event
+    r'{"type": "session.update", "model": "x\udfff"}',  # echoed in model_not_found
+    r'{"type": "session.update", "model": "tiny.en", "prompt": "a\udc00b"}',  # tokenised
+    r'{"type": "session.update", "model": "tiny.en", "language": "\ud83d"}',  # echoed in processing_error
+    r'{"type": "input_audio_buffer.commit", "event_id": ["\ud800\ud800"]}',  # ignored key: still refused
+    r'{"\udfff": 1, "type": "input_audio_buffer.clear"}',  # a key
+    r'[[["\ud800"]]]',
+])
+def test_a_lone_surrogate_is_processing_error(text):
+    """Valid JSON, but not text UTF-8 can carry: refused at parse time, before it is echoed in an
+    error event or tokenised -- either failed with an exception that ended the session."""
+    err = parse_error(text)
+    assert err.code == "processing_error" and "lone UTF-16 surrogate" in err.message
+    assert json.loads(dump(err.to_event()))["code"] == "processing_error"  # the answer itself serialises
+
+
+@pytest.mark.parametrize("text, expected", [
+    (r'{"type": "session.update", "model": "m", "prompt": "\ud83d\ude00"}', "\U0001f600"),  # a pair: one emoji
+    (r'{"type": "session.update", "model": "m", "prompt": "\\ud800"}', "\\ud800"),  # an escaped backslash
+    ('{"type": "session.update", "model": "m", "prompt": "\U0001f600 \u00e9"}', "\U0001f600 \u00e9"),
+])
+def test_surrogate_pairs_and_lookalikes_are_text(text, expected):
+    assert parse_client_event(text).prompt == expected
+
+
 def test_other_error_table_rows_build_exact_messages():
     assert model_not_found_message("whisper-xl") == "The model `whisper-xl` does not exist."
     err = ProtocolError.model_not_found("whisper-xl")
