@@ -41,6 +41,8 @@ __all__ = [
     "MESSAGES",
     "unknown_event_message",
     "model_not_found_message",
+    "MAX_MESSAGE_CHARS",
+    "clip_message",
     "ProtocolError",
     "error_event",
     "SessionUpdate",
@@ -118,6 +120,19 @@ MESSAGES: Mapping[ErrorCode, str] = MappingProxyType(
 )
 
 
+#: The longest ``error`` message sent.  Messages echo what the client sent (an unknown ``type``, a
+#: model name, a language): a frame may be megabytes, and a client that does not read its events
+#: can have up to connection.OUTBOX_LIMIT of them queued -- with the echo clipped, a few hundred kB.
+MAX_MESSAGE_CHARS = 1000
+
+
+def clip_message(message: str) -> str:
+    """``message``, or its first ``MAX_MESSAGE_CHARS`` characters and how long it was."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return f"{message[:MAX_MESSAGE_CHARS]}... ({len(message)} characters)"
+
+
 def unknown_event_message(event_type: object) -> str:
     """``Unknown event type: <type>``; ``<type>`` is Python's ``str()`` of the value (``None`` when
     the key is missing or null), exactly as vLLM formats it."""
@@ -145,6 +160,7 @@ class ProtocolError(Exception):
                 message = MESSAGES[code]
             except KeyError:
                 raise ValueError(f"error code {code.value!r} needs an explicit message") from None
+        message = clip_message(message)
         super().__init__(message)
         self.code: ErrorCode = code
         self.message: str = message

@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from server.protocol import (
+    MAX_MESSAGE_CHARS,
     MESSAGES,
     ErrorCode,
     ErrorEvent,
@@ -154,6 +155,23 @@ def test_a_lone_surrogate_is_processing_error(text):
 ])
 def test_surrogate_pairs_and_lookalikes_are_text(text, expected):
     assert parse_client_event(text).prompt == expected
+
+
+@pytest.mark.parametrize("text, start", [
+    (json.dumps({"type": "x" * 1_000_000}), "Unknown event type: xxx"),
+    (json.dumps({"type": ["y" * 10_000] * 100}), "Unknown event type: ['yyy"),
+])
+def test_an_echoed_value_is_clipped(text, start):
+    """A megabyte frame gets an error event of about a kilobyte: a client that never reads cannot
+    make its queued events (up to OUTBOX_LIMIT of them) hold what it sent, a thousand times over."""
+    err = parse_error(text)
+    assert err.code == "unknown_event" and err.message.startswith(start), err.message[:100]
+    assert len(err.message) <= MAX_MESSAGE_CHARS + 30 and err.message.endswith(" characters)"), err.message[-60:]
+    assert len(dump(err.to_event())) < 1200
+    huge = ProtocolError.model_not_found("m" * 100_000)
+    assert huge.message.startswith("The model `mmm") and len(huge.message) <= MAX_MESSAGE_CHARS + 30
+    short = "Unknown event type: " + "z" * (MAX_MESSAGE_CHARS - 20)  # exactly at the limit: unchanged
+    assert ProtocolError("unknown_event", short).message == short
 
 
 def test_other_error_table_rows_build_exact_messages():
