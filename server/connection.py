@@ -32,7 +32,7 @@ from jax_realtime.tokenizer import MAX_PROMPT_CHARS
 from jax_realtime.vad import FRAME, THRESHOLD, VADStream
 
 from . import protocol as p
-from .app import Service
+from .service import Service
 
 log = logging.getLogger("jax_realtime.session")
 
