@@ -151,6 +151,7 @@ class Utterance:
         self._rejected = 0  # consecutive decodes of this window Whisper would reject (silent, repetitive)
         self._fresh_after = 0  # utterance sample index before which no fresh decode is tried
         self._regular_next = False  # a fresh decode found no cut: the next one continues the text
+        self._fresh_for_full = False  # a continuation of the full window cut nothing: the next is fresh
         self._pieces: dict[int, str] = {}
         self.tokens: list[int] = []  # every committed text token of the utterance
         self.text = ""  # the concatenation of every delta returned
@@ -315,6 +316,8 @@ class Utterance:
         waits for a continuation and two more steps of audio (the committed text has to reach a
         segment's end first), unless the window is full.
         """
+        if full and self._fresh_for_full:  # the continuation found no segment end: it would repeat
+            return True
         if (self.finishing and not full) or not self._text(self._committed) or self._cut_points(window_samples):
             return False
         if full:
@@ -535,7 +538,9 @@ class Utterance:
         ends = [i for i in self._ends(whole) if i >= len(self._committed) and whole[i] <= limit]
         if ends:
             self._commit(rest[: ends[-1] + 1 - len(self._committed)])
+        before = len(self.stretches)
         self._trim(window_samples, anchored=False)
+        self._fresh_for_full = len(self.stretches) == before  # nothing cut: decode it afresh next
 
     def _apply_fresh(self, window: Window, fresh: list[int]) -> None:
         """Cut at the last segment end of a fresh hypothesis that the committed text reaches.
@@ -655,6 +660,7 @@ class Utterance:
         self._prompt = (self._prompt + self._text(self._committed[:index]))[-MAX_PROMPT_TOKENS:]
         self._committed = [t if t < begin else max(begin, t - shift) for t in self._committed[index:]]
         self._history = []  # hypotheses of the old window no longer continue the new prefix
+        self._fresh_for_full = False
         self._audio.drop_front(samples)
         self._voiced.drop_front(samples)
         self._window_start += samples
