@@ -356,3 +356,76 @@ class Leveller:
         out = np.clip(self._carry * 10.0 ** (self._gain_db / 20.0), -1.0, 1.0).astype(np.float32)
         self._carry = np.zeros(0, np.float32)
         return out
+
+
+# -- G.711 and input formats of live audio (OpenAI's realtime formats) ---------------------------------
+
+def _ulaw_table() -> np.ndarray:
+    """The 256 µ-law codes (ITU-T G.711) as 16-bit linear values."""
+    u = ~np.arange(256, dtype=np.int32) & 0xFF
+    exponent, mantissa = (u >> 4) & 0x07, u & 0x0F
+    magnitude = (((mantissa << 3) + 0x84) << exponent) - 0x84
+    return np.where(u & 0x80, -magnitude, magnitude).astype(np.int16)
+
+
+def _alaw_table() -> np.ndarray:
+    """The 256 A-law codes (ITU-T G.711) as 16-bit linear values."""
+    a = np.arange(256, dtype=np.int32) ^ 0x55
+    exponent, mantissa = (a >> 4) & 0x07, a & 0x0F
+    magnitude = np.where(exponent == 0, (mantissa << 4) + 8, ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0))
+    return np.where(a & 0x80, magnitude, -magnitude).astype(np.int16)
+
+
+ULAW_TABLE = _ulaw_table()
+ALAW_TABLE = _alaw_table()
+
+
+def ulaw_to_float32(data: bytes) -> np.ndarray:
+    """G.711 µ-law bytes (8 kHz) to float32 samples in [-1, 1) at the same rate."""
+    return ULAW_TABLE[np.frombuffer(data, np.uint8)].astype(np.float32) / 32768.0
+
+
+def alaw_to_float32(data: bytes) -> np.ndarray:
+    """G.711 A-law bytes (8 kHz) to float32 samples in [-1, 1) at the same rate."""
+    return ALAW_TABLE[np.frombuffer(data, np.uint8)].astype(np.float32) / 32768.0
+
+
+class InputFormat:
+    """A live stream in one of the realtime wire formats, decoded to 16 kHz float32 as it arrives.
+
+    ``pcm16`` (16 kHz s16le, vLLM's), ``pcm24`` (24 kHz s16le, OpenAI's ``audio/pcm``), ``pcmu`` and
+    ``pcma`` (G.711 µ-law and A-law at 8 kHz).  Other rates go through one soxr stream per session,
+    so chunk edges leave no trace; :meth:`flush` ends a stretch (a committed turn) and returns the
+    samples the resampler still holds."""
+
+    RATES = {"pcm16": SAMPLE_RATE, "pcm24": 24000, "pcmu": 8000, "pcma": 8000}
+
+    def __init__(self, kind: str = "pcm16"):
+        if kind not in self.RATES:
+            raise ValueError(f"unknown input format {kind!r}")
+        self.kind = kind
+        self.rate = self.RATES[kind]
+        self.bytes_per_sample = 2 if kind in ("pcm16", "pcm24") else 1
+        self._stream = None
+
+    def decode(self, data: bytes) -> np.ndarray:
+        if self.kind == "pcmu":
+            samples = ulaw_to_float32(data)
+        elif self.kind == "pcma":
+            samples = alaw_to_float32(data)
+        else:
+            samples = pcm16_to_float32(data)
+        if self.rate == SAMPLE_RATE:
+            return samples
+        if self._stream is None:
+            import soxr
+
+            self._stream = soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+        return self._stream.resample_chunk(samples)
+
+    def flush(self) -> np.ndarray:
+        if self._stream is None:
+            return np.zeros(0, np.float32)
+        out = self._stream.resample_chunk(np.zeros(0, np.float32), last=True)
+        self._stream = None
+        return out

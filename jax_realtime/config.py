@@ -227,6 +227,10 @@ class ServerConfig(BaseModel):
     # the audio decoding included); one more is answered 503 with Retry-After.  Each holds its body
     # (<= max_upload_mb) and its decoded audio (<= max_audio_s at 64 kB/s) until it ends.
     max_concurrent_requests: int = Field(4, ge=1)
+    # REST ``stream=true``: the events' shape when the request does not choose (form field
+    # ``stream_format``): "openai" (``transcript.text.delta``/``.done``, what OpenAI's SDKs parse) or
+    # "vllm" (``transcription.chunk`` events and ``[DONE]``, what vLLM's clients parse).
+    rest_stream_format: Literal["openai", "vllm"] = "openai"
     # The batcher's queue: windows waiting for the engine; one more is refused (REST: 503,
     # realtime: an error event).  None: 2 x (max_sessions + max_concurrent_requests), twice what
     # can be waiting in normal operation (a streaming session and a REST request each have at most

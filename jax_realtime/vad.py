@@ -195,3 +195,62 @@ class VADBatcher:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnSettings:
+    """OpenAI's ``server_vad``: a turn starts at the first frame at or above ``threshold`` (its audio
+    from ``prefix_padding_ms`` before it) and ends once ``silence_duration_ms`` of frames below it
+    follow (the silence is part of the turn)."""
+
+    threshold: float = THRESHOLD
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 500
+
+    @property
+    def prefix_samples(self) -> int:
+        return self.prefix_padding_ms * SAMPLE_RATE // 1000
+
+    @property
+    def silence_frames(self) -> int:
+        return max(1, -(-self.silence_duration_ms * SAMPLE_RATE // (1000 * FRAME)))
+
+
+class TurnDetector:
+    """Turns in a stream from its frames' speech probabilities (pure: no audio, no I/O).
+
+    :meth:`frames` takes the probabilities of consecutive frames, the first starting at stream
+    sample ``start``, and returns ``("start", first sample of the turn)`` and ``("stop", end
+    sample)`` events in order.  A turn never starts before ``floor`` (the end of the previous turn,
+    or where the client last committed or cleared)."""
+
+    def __init__(self, settings: TurnSettings):
+        self.settings = settings
+        self.speaking = False
+        self.silent = 0  # frames below the threshold since the last speech frame
+        self.floor = 0
+
+    def reset(self, floor: int) -> None:
+        """No turn in progress; none starts before ``floor``."""
+        self.speaking, self.silent, self.floor = False, 0, floor
+
+    def frames(self, start: int, probs: np.ndarray) -> list[tuple[str, int]]:
+        s = self.settings
+        events = []
+        for k, prob in enumerate(np.asarray(probs, np.float32)):
+            a = start + k * FRAME
+            if a + FRAME <= self.floor:
+                continue
+            if not self.speaking:
+                if prob >= s.threshold:
+                    self.speaking, self.silent = True, 0
+                    events.append(("start", max(self.floor, a - s.prefix_samples)))
+            elif prob >= s.threshold:
+                self.silent = 0
+            else:
+                self.silent += 1
+                if self.silent >= s.silence_frames:
+                    self.speaking, self.silent = False, 0
+                    self.floor = a + FRAME
+                    events.append(("stop", a + FRAME))
+        return events

@@ -45,6 +45,7 @@ __all__ = [
     "clip_message",
     "ProtocolError",
     "error_event",
+    "ServerVAD",
     "SessionUpdate",
     "InputAudioBufferAppend",
     "InputAudioBufferCommit",
@@ -191,6 +192,22 @@ def error_event(code: ErrorCode | str, message: str | None = None) -> ErrorEvent
 # --------------------------------------------------------------------------------------------
 
 
+class ServerVAD(BaseModel):
+    """OpenAI's ``server_vad`` turn detection (the conversation-only knobs are ignored)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    type: Literal["server_vad"] = "server_vad"
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    prefix_padding_ms: int = Field(300, ge=0, le=10_000)
+    silence_duration_ms: int = Field(500, ge=0, le=60_000)
+
+    def settings(self):
+        from jax_realtime.vad import TurnSettings
+
+        return TurnSettings(self.threshold, self.prefix_padding_ms, self.silence_duration_ms)
+
+
 class _ClientEventBase(BaseModel):
     # Unknown keys (``event_id``, OpenAI fields we do not implement) are accepted and dropped.
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -207,6 +224,10 @@ class SessionUpdate(_ClientEventBase):
     task: Literal["transcribe", "translate"] = "transcribe"
     # Extension, opt-in: send ``transcription.partial`` after each decoding step.
     partials: bool = False
+    # Extension, opt-in: server-side turn detection (OpenAI's ``server_vad``): every spoken turn
+    # becomes one utterance, ended by the silence after it (one ``transcription.done`` per turn);
+    # no commit is needed.  ``null`` (the default): turns are the client's commits, as in vLLM.
+    turn_detection: ServerVAD | None = None
 
 
 class InputAudioBufferAppend(_ClientEventBase):
@@ -385,12 +406,13 @@ class SessionUpdated(_ServerEventBase):
     prompt: str | None
     task: Literal["transcribe", "translate"]
     partials: bool = False
+    turn_detection: ServerVAD | None = None  # echoed only when set (see dump)
 
     @classmethod
     def from_update(cls, update: SessionUpdate) -> SessionUpdated:
         return cls(
             model=update.model, language=update.language, prompt=update.prompt, task=update.task,
-            partials=update.partials,
+            partials=update.partials, turn_detection=update.turn_detection,
         )
 
 
@@ -427,6 +449,12 @@ ServerEvent = Union[
 ]
 
 
-def dump(event: ServerEvent) -> str:
-    """Compact JSON, keys in declaration order (``type`` first), nulls kept, UTF-8 unescaped."""
+def dump(event: ServerEvent | dict) -> str:
+    """Compact JSON, keys in declaration order (``type`` first), nulls kept, UTF-8 unescaped.
+
+    A dict (an OpenAI-dialect event, ``openai_realtime.py``) is dumped as it is."""
+    if isinstance(event, dict):
+        return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    if isinstance(event, SessionUpdated) and event.turn_detection is None:
+        return event.model_dump_json(exclude={"turn_detection"})  # vLLM's session.updated, unchanged
     return event.model_dump_json()

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from quart import Blueprint, current_app, websocket
 
-from .service import service_of
 from .auth import choose_subprotocol
 from .connection import RealtimeConnection
+from .openai_realtime import OpenAIConnection, choose, upgrade
+from .service import service_of
 
 realtime = Blueprint("realtime", __name__)
 
@@ -20,4 +21,9 @@ realtime = Blueprint("realtime", __name__)
 @realtime.websocket("/v1/realtime")
 async def realtime_socket():
     await websocket.accept(subprotocol=choose_subprotocol(websocket.requested_subprotocols))
-    await RealtimeConnection(websocket._get_current_object(), service_of(current_app)).serve()
+    ws, service = websocket._get_current_object(), service_of(current_app)
+    dialect = choose(websocket)
+    if dialect is None:
+        await RealtimeConnection(ws, service, upgrade=upgrade).serve()
+    else:
+        await OpenAIConnection(ws, service, **dialect).serve()

@@ -11,10 +11,13 @@ the service's one batcher, the same one the realtime sessions use.  Decisions:
   ``vtt`` and ``verbose_json`` of one file always carry the same text.
 * ``timestamp_granularities[]``: ``segment`` (segments are always in ``verbose_json``); ``word``
   is refused with a 400 (no word-level timestamps).
-* ``stream=true`` (``response_format`` json or text): server-sent events, one
-  ``transcription.chunk`` per decoded 30 s window, a last chunk with ``finish_reason: "stop"``, a
-  usage chunk with ``stream_include_usage=true``, then ``data: [DONE]``.  An error after the
-  stream started is sent as ``data: {"error": {...}}`` before ``[DONE]``.
+* ``stream=true`` (``response_format`` json or text): server-sent events as each 30 s window is
+  decoded.  OpenAI's shape by default: ``transcript.text.delta`` events (``delta``), then one
+  ``transcript.text.done`` (``text``, ``usage`` in tokens), no ``[DONE]``.  vLLM's shape with the form
+  field ``stream_format=vllm`` (or ``[server] rest_stream_format = "vllm"``): one
+  ``transcription.chunk`` per window, a last chunk with ``finish_reason: "stop"``, a usage chunk
+  with ``stream_include_usage=true``, then ``data: [DONE]``.  An error after the stream started is
+  sent as ``data: {"error": {...}}`` (the SDKs raise it), then the stream ends (vLLM: ``[DONE]``).
 * ``model`` may be omitted (the first served name); ``language`` None: English on English-only
   models, detected on multilingual ones; translations take ``language`` as the source's hint.
 * Limits: the body over ``max_upload_mb`` is a 400; so is audio that decodes to more than
@@ -77,6 +80,7 @@ class AudioForm(BaseModel):
     timestamp_granularities: tuple[Literal["segment"], ...] = ("segment",)
     stream: bool = False
     stream_include_usage: bool = False
+    stream_format: Literal["openai", "vllm"] | None = None  # None: [server] rest_stream_format
 
     def temperatures(self) -> tuple[float, ...]:
         return FALLBACK_TEMPERATURES if self.temperature == 0 else (self.temperature,)
@@ -288,6 +292,7 @@ def _stream(service, submit, owner: str, audio, options: TranscribeOptions, form
     """Server-sent events: a chunk per window as it is decoded, then ``[DONE]``."""
     rid = ("trsc-" if task == "transcribe" else "trsl-") + secrets.token_hex(12)
     created = int(time.time())
+    openai = (form.stream_format or service.config.server.rest_stream_format) == "openai"
 
     def event(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -317,6 +322,7 @@ def _stream(service, submit, owner: str, audio, options: TranscribeOptions, form
 
         task_ = asyncio.create_task(work())
         started = False
+        sent = []  # OpenAI's shape: the deltas, whose join is the done event's text
         service.requests_in_flight += 1  # a drain waits for the stream to end
         try:
             while True:
@@ -329,7 +335,15 @@ def _stream(service, submit, owner: str, audio, options: TranscribeOptions, form
                     text = value if started else value.lstrip()
                     if text:
                         started = True
-                        yield chunk(text)
+                        sent.append(text)
+                        yield event({"type": "transcript.text.delta", "delta": text}) if openai else chunk(text)
+                elif kind == "done" and openai:
+                    transcript: Transcript = value
+                    yield event({"type": "transcript.text.done", "text": "".join(sent), "usage": {
+                        "type": "tokens", "input_tokens": transcript.prompt_tokens,
+                        "output_tokens": transcript.completion_tokens,
+                        "total_tokens": transcript.prompt_tokens + transcript.completion_tokens}})
+                    break
                 elif kind == "done":
                     transcript: Transcript = value
                     yield chunk("", "stop")
@@ -343,7 +357,8 @@ def _stream(service, submit, owner: str, audio, options: TranscribeOptions, form
                 else:
                     yield event(value.body())
                     break
-            yield "data: [DONE]\n\n"
+            if not openai:
+                yield "data: [DONE]\n\n"
         finally:
             service.requests_in_flight -= 1
             task_.cancel()

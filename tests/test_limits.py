@@ -183,7 +183,7 @@ def test_requests_over_the_concurrency_bound_get_503(server):
 
     # a streamed answer holds the slot until its end, then frees it
     status, _, body = post_form(server, {"model": "tiny.en", "stream": "true"}, {"file": ("c.wav", wav(SHORT))})
-    assert status == 200 and body.decode().endswith("data: [DONE]\n\n"), body
+    assert status == 200 and '"type": "transcript.text.done"' in body.decode().split("\n\n")[-2], body
     assert post_form(server, {"model": "tiny.en"}, {"file": ("c.wav", wav(TINY))})[0] == 200
 
     # a client that leaves mid-stream frees it too (once the server notices)
@@ -315,7 +315,8 @@ def test_engine_queue_full_is_a_503_with_retry_after(in_process):
 
 def test_an_engine_failure_is_a_500_and_the_service_goes_on(in_process, monkeypatch):
     """The engine raises on one batch (as a device error would): that request gets a 500 naming
-    the failure (streamed: an error event, then [DONE]); the batcher keeps running and the next
+    the failure (streamed: an error event, then [DONE] in vLLM's shape, the end of the stream in
+    OpenAI's); the batcher keeps running and the next
     request is transcribed by the real engine."""
     engine = in_process.service.engine
     real_decode = engine.decode
@@ -336,10 +337,15 @@ def test_an_engine_failure_is_a_500_and_the_service_goes_on(in_process, monkeypa
     assert status == 200 and json.loads(body)["text"].strip()
 
     failures.clear()
-    status, _, body = in_process.run(_post(in_process.client, wav(SHORT), stream="true"))
+    status, _, body = in_process.run(_post(in_process.client, wav(SHORT), stream="true", stream_format="vllm"))
     events = body.decode().split("\n\n")
     assert status == 200 and events[-2:] == ["data: [DONE]", ""], events
     assert json.loads(events[-3].removeprefix("data: "))["error"]["code"] == 500, events
+    failures.clear()
+    status, _, body = in_process.run(_post(in_process.client, wav(SHORT), stream="true"))  # OpenAI's shape
+    events = body.decode().split("\n\n")
+    assert status == 200 and events[-1] == "", events
+    assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == 500, events
     status, _, body = in_process.run(_post(in_process.client, wav(SHORT)))
     assert status == 200 and json.loads(body)["text"].strip()
     assert in_process.service.rest_active == 0 and in_process.service.requests_in_flight == 0

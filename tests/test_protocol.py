@@ -273,9 +273,29 @@ def test_extra_keys_are_accepted_and_ignored():
     }))
     assert event.model_dump() == {
         "type": "session.update", "model": "m", "language": None, "prompt": None, "task": "transcribe",
-        "partials": False,
+        "partials": False, "turn_detection": None,
     }
     assert parse_client_event('{"type": "input_audio_buffer.clear", "event_id": "e"}') == InputAudioBufferClear()
+
+
+def test_turn_detection_extension():
+    """``turn_detection`` (opt-in): OpenAI's server_vad fields with their defaults, echoed in
+    session.updated only when set (vLLM's session.updated is unchanged without it)."""
+    from server.protocol import SessionUpdated, dump
+
+    event = parse_client_event(json.dumps({"type": "session.update", "model": "m",
+                                           "turn_detection": {"type": "server_vad", "silence_duration_ms": 700,
+                                                              "create_response": True}}))
+    settings = event.turn_detection.settings()
+    assert (settings.threshold, settings.prefix_padding_ms, settings.silence_duration_ms) == (0.5, 300, 700)
+    assert json.loads(dump(SessionUpdated.from_update(event)))["turn_detection"] == {
+        "type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 700}
+    plain = parse_client_event('{"type": "session.update", "model": "m"}')
+    assert "turn_detection" not in json.loads(dump(SessionUpdated.from_update(plain)))
+    for bad in ({"type": "semantic_vad"}, {"threshold": 2}, "server_vad"):
+        with pytest.raises(ProtocolError) as info:
+            parse_client_event(json.dumps({"type": "session.update", "model": "m", "turn_detection": bad}))
+        assert info.value.code == "processing_error"
 
 
 @pytest.mark.parametrize(

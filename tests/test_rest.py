@@ -314,11 +314,12 @@ def test_rest_matches_the_engines_offline_transcription(server, tiny_engine):
 
 
 def test_stream_sends_a_chunk_per_window_then_done(server):
-    """stream=true on ~60 s: several content chunks as windows finish, joined equal to the json
-    text; then finish_reason "stop", the usage chunk, and (on the wire) ``data: [DONE]``."""
+    """stream=true with ``stream_format=vllm`` (vLLM's shape) on ~60 s: several content chunks as
+    windows finish, joined equal to the json text; then finish_reason "stop", the usage chunk, and
+    (on the wire) ``data: [DONE]``.  (OpenAI's shape, the default: tests/test_openai_realtime.py.)"""
     data, _ = long_wav()
     text = transcribe(server, data).text
-    stream = transcribe(server, data, stream=True, extra_body={"stream_include_usage": True})
+    stream = transcribe(server, data, stream=True, extra_body={"stream_include_usage": True, "stream_format": "vllm"})
     chunks = [chunk.model_dump() for chunk in stream]
     content = [c["choices"][0]["delta"]["content"] for c in chunks
                if c["choices"] and "finish_reason" not in c["choices"][0]]
@@ -332,7 +333,8 @@ def test_stream_sends_a_chunk_per_window_then_done(server):
     assert all(c["object"] == "transcription.chunk" and c["model"] == "tiny.en" for c in chunks)
 
     # the wire: text/event-stream, "data: {...}" events, [DONE] last; no usage chunk unless asked
-    status, headers, body = post_form(server, {"model": "tiny.en", "stream": "true"}, {"file": ("c.wav", wav(SHORT))})
+    form = {"model": "tiny.en", "stream": "true", "stream_format": "vllm"}
+    status, headers, body = post_form(server, form, {"file": ("c.wav", wav(SHORT))})
     assert status == 200 and headers["content-type"].startswith("text/event-stream"), (status, headers)
     events = body.decode().split("\n\n")
     assert events[-1] == "" and events[-2] == "data: [DONE]", events
@@ -352,8 +354,8 @@ def test_temperature_prompt_and_language(server):
         assert verbose.segments and {s.temperature for s in verbose.segments} == {expected}, (temperature, verbose)
 
     def usage(**kwargs):
-        chunks = list(transcribe(server, data, stream=True, extra_body={"stream_include_usage": True}, **kwargs))
-        return chunks[-1].usage["prompt_tokens"]
+        events = list(transcribe(server, data, stream=True, **kwargs))  # OpenAI's shape: usage in the done event
+        return events[-1].usage.input_tokens
 
     assert usage(prompt="Roman character, Italy, Germany and France.") >= usage() + 10
     text = transcribe(server, data).text
