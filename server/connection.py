@@ -261,7 +261,8 @@ class RealtimeConnection:
                 self.send(self.error_event(p.INVALID_FRAME))
                 continue
             try:
-                self._handle(self._parse(message))
+                event = self._parse(message)  # may turn this session into another dialect's (see _parse)
+                self._handle(event)
             except p.ProtocolError as exc:
                 self.send(self._protocol_error(exc))
 

@@ -141,7 +141,7 @@ def test_ga_server_vad_turns(server):
             assert type(updated.session).__name__ == "RealtimeTranscriptionSessionCreateRequest", updated
             sender = asyncio.create_task(append(conn, pcm24(recording), 4800, 0.05))  # 100 ms per 50 ms
             for _ in TURN_CLIPS:
-                await until(conn, f"{TRANSCRIPTION}.completed", events)
+                await until(conn, "conversation.item.done", events)
             await sender
         return events
 

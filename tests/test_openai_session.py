@@ -281,3 +281,19 @@ def test_vllm_unchanged_and_its_turn_detection(tiny_tokenizer, clips):
     assert set(kinds) == {"session.created", "session.updated", "transcription.delta", "transcription.done"}, kinds
     assert "turn_detection" not in events[1] and events[-1]["type"] == "transcription.done"
     assert events[kinds.index("session.updated", 2)]["turn_detection"]["type"] == "server_vad"
+
+
+def test_ga_client_on_the_bare_path(tiny_tokenizer):
+    """A first ``session.update`` with a transcription ``session`` turns a vLLM session into GA's:
+    GA's session.created (after vLLM's), then session.updated for that very update."""
+    async def main():
+        s = _Session(tiny_tokenizer, "vllm")
+        s.send(type="session.update", session={"type": "transcription", "audio": {"input": {"turn_detection": None}}})
+        await s.until(lambda ev: len(ev) >= 3)
+        s.close()
+        return s.ws.out
+
+    events = run(main())
+    assert [e["type"] for e in events] == ["session.created", "session.created", "session.updated"]
+    assert "session" not in events[0] and events[1]["session"]["type"] == "transcription"
+    assert events[2]["session"]["audio"]["input"]["turn_detection"] is None
