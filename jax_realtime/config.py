@@ -53,6 +53,7 @@ def default_cache_dir() -> str:
 
 
 DEFAULT_MODEL = "tiny.en"
+MIN_WORD_TOKENS = 229  # word alignment of a full window: <|startoftranscript|> lang task <|notimestamps|> 224 text <|endoftext|>
 
 
 class EngineConfig(BaseModel):
@@ -67,6 +68,11 @@ class EngineConfig(BaseModel):
     * ``prompt_buckets``: lengths of the token prefix (previous text + start-of-transcript
       sequence) the decoder prefills in one pass.  The largest must hold Whisper's longest
       prompt: 223 previous tokens + ``<|startofprev|>`` + 4 = 228.
+    * ``word_timestamps``: compile word alignment too (``alignment.py``): requests may then ask for
+      word-level timestamps.  Off: nothing more is compiled and requests asking for words fail.
+    * ``word_token_buckets``: lengths of the token sequence word alignment runs on (start sequence,
+      ``<|notimestamps|>``, the window's text, end of text); the largest must hold a full window's
+      text: 224 + 5 = 229.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -86,8 +92,10 @@ class EngineConfig(BaseModel):
     model_parallelism: int = Field(1, ge=1)
     cache_dir: str = Field(default_factory=default_cache_dir)
     compilation_cache: bool = True
+    word_timestamps: bool = False
+    word_token_buckets: tuple[int, ...] = (64, 232)
 
-    @field_validator("batch_buckets", "prompt_buckets")
+    @field_validator("batch_buckets", "prompt_buckets", "word_token_buckets")
     @classmethod
     def _positive_sorted(cls, value: tuple[int, ...]) -> tuple[int, ...]:
         if not value:
@@ -113,6 +121,8 @@ class EngineConfig(BaseModel):
             raise ValueError(f"window_buckets must include {CHUNK_LENGTH} s (Whisper's full window)")
         if max(self.prompt_buckets) < 8:
             raise ValueError("the largest prompt bucket must hold at least the start sequence (8)")
+        if max(self.word_token_buckets) < MIN_WORD_TOKENS:
+            raise ValueError(f"the largest word_token_bucket must hold a full window's text ({MIN_WORD_TOKENS})")
         return self
 
 
