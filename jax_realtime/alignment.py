@@ -469,9 +469,9 @@ def segment_words(window: WindowWords, segments: list[SegmentSpan], offset: floa
             if segment.end > last.start and segment.end + 0.5 < last.end:
                 last.end = max(last.start + median, segment.end)
             trim_silence(words, window.silences, offset)
-            for word in words:  # ordered, never overlapping
-                word.start = max(word.start, previous_end)
-                word.end = max(word.end, word.start)
+            for word in words:  # ordered, never overlapping; 10 ms steps (the heuristics' are not)
+                word.start = round(max(word.start, previous_end), 2)
+                word.end = round(max(word.end, word.start), 2)
                 previous_end = word.end
             segment.start, segment.end = words[0].start, words[-1].end
             last_speech = segment.end
