@@ -152,20 +152,25 @@ def _median7(taps):
 def median_filter(x, n_frames, width: int = MEDIAN_FILTER_WIDTH):
     """Median filter of ``width`` along the last axis of ``x`` ([B, ..., T]) with reflect padding at
     each row's real length ``n_frames`` ([B]), as CTranslate2's ``MedianFilter`` (and openai's
-    ``F.pad(mode="reflect")``).  Rows no longer than ``width // 2`` are passed through unchanged."""
+    ``F.pad(mode="reflect")``).  Rows no longer than ``width // 2`` are passed through unchanged.
+
+    Each row is padded once (reflected columns written at its own end), then the seven taps are
+    static slices: no gather over the whole array."""
     if width != 7:
         raise ValueError("only Whisper's median filter width 7 is implemented")
     rank = width // 2
     frames = x.shape[-1]
-    position = jnp.arange(frames)
-    n = n_frames.reshape((-1,) + (1,) * (x.ndim - 1))  # [B, 1, ..., 1]
-    taps = []
-    for k in range(-rank, rank + 1):
-        read = jnp.abs(position + k)  # [T]
-        read = jnp.where(read >= n, 2 * (n - 1) - read, read)  # reflect at the row's end
-        read = jnp.clip(read, 0, frames - 1)
-        taps.append(jnp.take_along_axis(x, jnp.broadcast_to(read, x.shape), axis=-1))
-    return jnp.where(n > rank, _median7(taps), x)
+    # positions n, n+1, n+2 of a row of length n read n-2, n-3, n-4; positions -1, -2, -3 read 1, 2, 3
+    tail_index = jnp.clip(n_frames[:, None] - 2 - jnp.arange(rank)[None, :], 0, frames - 1)  # [B, rank]
+    tail_index = tail_index.reshape((-1,) + (1,) * (x.ndim - 2) + (rank,))
+    tail = jnp.take_along_axis(x, jnp.broadcast_to(tail_index, x.shape[:-1] + (rank,)), axis=-1)
+    head = x[..., rank:0:-1] if frames > rank else jnp.zeros(x.shape[:-1] + (rank,), x.dtype)
+    padded = jnp.concatenate([head, x, jnp.zeros(x.shape[:-1] + (rank,), x.dtype)], axis=-1)
+    padded = jax.vmap(lambda row, t, at: jax.lax.dynamic_update_slice_in_dim(row, t, at, axis=-1))(
+        padded, tail, n_frames + rank)
+    filtered = _median7([padded[..., k:k + frames] for k in range(width)])
+    n = n_frames.reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.where(n > rank, filtered, x)
 
 
 def attention_matrix(scores, n_tokens, n_frames):

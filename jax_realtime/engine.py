@@ -19,12 +19,12 @@ no communication; every process must call ``decode`` the same number of times.
 
 Word-level timestamps (``EngineConfig.word_timestamps``; the method is in ``alignment.py``): two
 more compiled functions per bucket ``(batch, window seconds, alignment token length)``, compiled at
-warm-up only when enabled.  ``_align_bucket`` takes a batch's audio features, runs the decoder
-once over each row's text for the alignment heads' cross-attention, and the DTW, all on the
-device.  A decode whose requests ask for words (``DecodeRequest.word_timestamps``) keeps its audio
-features on the device (the decode function then returns them too) and hands them straight to
-``_align_bucket``: no second encoder pass.  :meth:`Engine.align` aligns given tokens to given
-audio (a realtime session's committed text); it encodes with ``_encode_bucket`` first.
+warm-up only when enabled.  ``_align_bucket`` takes a batch's cross-attention keys/values, runs
+the decoder once over each row's text for the alignment heads' cross-attention, and the DTW, all
+on the device.  A decode whose requests ask for words (``DecodeRequest.word_timestamps``) keeps
+its keys/values on the device (the decode function then returns them too) and hands them
+straight to ``_align_bucket``: no second encoder pass.  :meth:`Engine.align` aligns given tokens
+to given audio (a realtime session's committed text); it encodes with ``_encode_bucket`` first.
 """
 
 from __future__ import annotations
@@ -245,11 +245,11 @@ class Engine:
         self._compile_lock = threading.Lock()
         batch_spec = sharding.batch_sharded(self.mesh)
         param_spec = jax.tree_util.tree_map(lambda x: x.sharding, self.weights)
-        # with word timestamps on, the decode function also returns the audio features (left on the
-        # device) for the alignment of the same batch
+        # with word timestamps on, the decode function also returns the cross-attention keys/values
+        # (left on the device) for the alignment of the same batch
         self.word_timestamps = self.config.word_timestamps
         self._jitted = jax.jit(
-            functools.partial(self._run_bucket, keep_features=self.word_timestamps),
+            functools.partial(self._run_bucket, keep_cross=self.word_timestamps),
             in_shardings=(param_spec,) + (batch_spec,) * 10,
             out_shardings=batch_spec,
         )
@@ -307,13 +307,13 @@ class Engine:
         return self._compile(self._jitted, "decode", self._executables, bucket,
                              *self._batch_args(self._arg_shapes(bucket)))
 
-    def _features_shape(self, batch: int, window_s: float):
-        return (batch, round(window_s * TOKENS_PER_SECOND), self.dims.n_audio_state), self.dtype
-
     def _align_executable(self, bucket: AlignBucket):
         b, t = bucket.batch, bucket.tokens
-        shapes = [self._features_shape(b, bucket.window_s), ((b, t), jnp.int32), ((b,), jnp.int32), ((b,), jnp.int32)]
-        return self._compile(self._align_jitted, "alignment", self._align_executables, bucket, *self._batch_args(shapes))
+        heads = self.dims.n_text_head
+        kv = ((b, heads, round(bucket.window_s * TOKENS_PER_SECOND), self.dims.n_text_state // heads), self.dtype)
+        cross = tuple(tuple(self._batch_args([kv, kv])) for _ in range(self.dims.n_text_layer))
+        args = self._batch_args([((b, t), jnp.int32), ((b,), jnp.int32), ((b,), jnp.int32)])
+        return self._compile(self._align_jitted, "alignment", self._align_executables, bucket, cross, *args)
 
     def _encode_executable(self, batch: int, window_s: float):
         shapes = [((batch, window_samples(window_s)), jnp.float32)]
@@ -350,7 +350,7 @@ class Engine:
         return sharding.constrain_batch(features, self.mesh)
 
     def _run_bucket(self, weights, audio, prompt, start, sot_index, language_index, timestamps, max_new, history,
-                    temperature, seed, keep_features=False):
+                    temperature, seed, keep_cross=False):
         model, ids = self.model, self.ids
         variables, projection = {"params": weights["params"]}, weights["projection"]
         batch, prompt_len = prompt.shape
@@ -403,32 +403,58 @@ class Engine:
             "no_speech_prob": no_speech_prob,
             "language": language,
         }
-        if keep_features:
-            out["features"] = audio_features
+        if keep_cross:
+            out["cross"] = cross
         return out
 
     def _encode_bucket(self, weights, audio):
-        return self._encode(weights, audio)
+        """The cross-attention keys/values of a batch of windows (for :meth:`align`)."""
+        return self.model.apply({"params": weights["params"]}, self._encode(weights, audio), method=Whisper.cross_kv)
 
-    def _align_bucket(self, weights, features, tokens, n_tokens, n_frames):
-        """Word alignment of a batch (see ``alignment.py``).  ``tokens`` [B, S]: per row the start
-        sequence, ``<|notimestamps|>``, the text and end of text, then padding; ``n_tokens`` its real
-        length, ``n_frames`` the real audio positions (of ``features``' T).  Returns per row the
-        first audio position of each DTW row (``<|notimestamps|>`` and the text tokens) and each
-        text token's probability (softmax over the text vocabulary, as CTranslate2's ``align``)."""
+    def _align_bucket(self, weights, cross, tokens, n_tokens, n_frames):
+        """Word alignment of a batch (see ``alignment.py``).  ``cross``: the windows' cross-attention
+        keys/values; ``tokens`` [B, S]: per row the start sequence, ``<|notimestamps|>``, the text and
+        end of text, then padding; ``n_tokens`` its real length, ``n_frames`` the real audio
+        positions (of the window's T).  Returns per row the first audio position of each DTW row
+        (``<|notimestamps|>`` and the text tokens) and each text token's probability (softmax over
+        the text vocabulary, as CTranslate2's ``align``)."""
         model, ids = self.model, self.ids
         variables = {"params": weights["params"]}
-        cross = model.apply(variables, features, method=Whisper.cross_kv)
         hidden, scores = model.apply(variables, tokens, cross, self.alignment_heads, method=Whisper.alignment_pass)
         sot, rows = self.sot_length, tokens.shape[1] - self.sot_length - 1
+        n_text = n_tokens - sot - 2
         # position p predicts token p + 1: positions sot .. sot + rows - 2 predict the text tokens
-        logits = model.apply(variables, hidden[:, sot:sot + rows - 1], weights["projection"][:, :ids.eot],
-                             method=Whisper.logits)
-        target = jnp.clip(tokens[:, sot + 1:sot + rows], 0, ids.eot - 1)
-        logprobs = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+        probs = self._text_probabilities(variables, hidden[:, sot:sot + rows - 1], weights["projection"],
+                                         tokens[:, sot + 1:sot + rows], n_text)
         matrix = alignment.attention_matrix(scores, n_tokens, n_frames)[:, sot:sot + rows]
-        first = alignment.dtw_first_positions(matrix, n_tokens - sot - 1, n_frames)
-        return {"first": first, "probs": jnp.exp(logprobs)}
+        first = alignment.dtw_first_positions(matrix, n_text + 1, n_frames)
+        return {"first": first, "probs": probs}
+
+    PROBABILITY_CHUNK = 16  # positions per output projection in _text_probabilities
+
+    def _text_probabilities(self, variables, hidden, projection, targets, n_text):
+        """Each target's probability under a softmax over the text vocabulary (below end of text).
+
+        The output projection (vocabulary x positions: most of alignment's cost) runs on chunks of
+        16 positions in a loop that stops after the batch's longest real text, so a token bucket
+        longer than the text costs little here."""
+        batch, length, _ = hidden.shape
+        chunk = self.PROBABILITY_CHUNK
+        padded = -(-length // chunk) * chunk
+        hidden = jnp.pad(hidden, ((0, 0), (0, padded - length), (0, 0)))
+        targets = jnp.pad(jnp.clip(targets, 0, self.ids.eot - 1), ((0, 0), (0, padded - length)))
+        text_projection = projection[:, :self.ids.eot]
+
+        def body(c, probs):
+            h = jax.lax.dynamic_slice_in_dim(hidden, c * chunk, chunk, axis=1)
+            t = jax.lax.dynamic_slice_in_dim(targets, c * chunk, chunk, axis=1)
+            logits = self.model.apply(variables, h, text_projection, method=Whisper.logits)
+            logprobs = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+            return jax.lax.dynamic_update_slice_in_dim(probs, jnp.exp(logprobs), c * chunk, axis=1)
+
+        n_chunks = (jnp.max(n_text) + chunk - 1) // chunk
+        probs = jax.lax.fori_loop(0, n_chunks, body, jnp.zeros((batch, padded), jnp.float32))
+        return probs[:, :length]
 
     # -- host side -------------------------------------------------------------------------------
     def window_for(self, request: DecodeRequest) -> float:
@@ -549,14 +575,14 @@ class Engine:
         args = sharding.put_batch([audio, prompt, start, sot_index, language_index, timestamps, max_new, history,
                                    temperature, seed], self.mesh, global_size)
         outputs = executable(self.weights, *args)
-        features = outputs.pop("features", None)  # word timestamps on: stays on the device
+        cross = outputs.pop("cross", None)  # word timestamps on: stays on the device
         out = {key: sharding.local_rows(value) for key, value in outputs.items()}
         results = [self._result(p, out, row, int(max_new[row])) for row, p in enumerate(batch)]
-        if features is not None and sharding.any_process(any(p.request.word_timestamps for p in batch)):
+        if cross is not None and sharding.any_process(any(p.request.word_timestamps for p in batch)):
             jobs = [_AlignJob(self._aligned_text(r), r.language, p.request.task, len(p.request.audio),
                               np.asarray(p.request.audio)) if p.request.word_timestamps else None
                     for p, r in zip(batch, results)]
-            for result, words in zip(results, self._align_batch(jobs, features, global_size, window)):
+            for result, words in zip(results, self._align_batch(jobs, cross, global_size, window)):
                 result.words = words
         return results
 
@@ -571,9 +597,10 @@ class Engine:
         return (self.tokenizer.sot_sequence(job.language if self.dims.multilingual else None, job.task)
                 + [self.tokenizer.no_timestamps] + job.tokens + [self.tokenizer.eot])
 
-    def _align_batch(self, jobs: list["_AlignJob | None"], features, global_size: int,
+    def _align_batch(self, jobs: list["_AlignJob | None"], cross, global_size: int,
                      window: float) -> list[WindowWords | None]:
-        """One compiled alignment call on a batch's audio features (rows without a job are padding)."""
+        """One compiled alignment call on a batch's cross-attention keys/values (rows without a job
+        are padding)."""
         sequences = [None if job is None else self._alignment_sequence(job) for job in jobs]
         longest = max((len(s) for s in sequences if s is not None), default=0)
         needed = next(i for i, t in enumerate(self.word_token_buckets) if t >= longest)
@@ -590,7 +617,7 @@ class Engine:
                 n_frames[row] = min(max(job.samples // HOP_LENGTH // 2, 1), positions)
         executable = self._align_executable(AlignBucket(global_size, window, length))
         args = sharding.put_batch([tokens, n_tokens, n_frames], self.mesh, global_size)
-        out = {key: sharding.local_rows(value) for key, value in executable(self.weights, features, *args).items()}
+        out = {key: sharding.local_rows(value) for key, value in executable(self.weights, cross, *args).items()}
         words: list[WindowWords | None] = []
         for row, job in enumerate(jobs):
             if job is None:
@@ -638,9 +665,9 @@ class Engine:
                 for row, i in enumerate(chunk):
                     audio[row, :jobs[i].samples] = jobs[i].audio
                 (audio_arg,) = sharding.put_batch([audio], self.mesh, global_size)
-                features = self._encode_executable(global_size, window)(self.weights, audio_arg)
+                cross = self._encode_executable(global_size, window)(self.weights, audio_arg)
                 padded = [jobs[i] for i in chunk] + [None] * (size - len(chunk))
-                for i, words in zip(chunk, self._align_batch(padded, features, global_size, window)):
+                for i, words in zip(chunk, self._align_batch(padded, cross, global_size, window)):
                     results[i] = words
         return results  # type: ignore[return-value]
 
