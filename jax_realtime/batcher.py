@@ -5,8 +5,9 @@ submit(owner, request)``; a single loop takes the oldest pending request, fills 
 pending requests that use the same encoder window (oldest first), runs ``engine.decode`` on one
 worker thread (device work never runs on the event loop) and resolves each request's future.
 
-* Fair: the oldest request is always in the next batch, and a streaming session has at most one
-  request pending, so no session can starve another.
+* Fair: the oldest request of the most urgent priority is always in the next batch, and a
+  streaming session has at most one request pending, so no session can starve another.  Realtime
+  steps (priority 0) go before long-form work (REST, priority 1): a file waits, a live stream must not.
 * Batched: a request waits at most ``gather_s`` for others to join its batch (streaming sessions
   submit on a shared clock tick, so a few milliseconds gather them all).
 * Bounded: at most ``max_pending`` requests wait; beyond that ``submit`` raises :class:`Busy`.
@@ -44,6 +45,7 @@ class _Pending:
     window_s: float
     future: asyncio.Future
     enqueued: float
+    priority: int = 0
 
 
 @dataclasses.dataclass
@@ -78,15 +80,15 @@ class Batcher:
     def queue_depth(self) -> int:
         return len(self._pending)
 
-    async def submit(self, owner: str, request: DecodeRequest) -> DecodeResult:
-        """Decode ``request`` in the next batch that has room for it."""
+    async def submit(self, owner: str, request: DecodeRequest, priority: int = 0) -> DecodeResult:
+        """Decode ``request`` in the next batch that has room for it (lower ``priority`` first)."""
         if self._closed:
             raise RuntimeError("the batcher is stopped")
         if len(self._pending) >= self.max_pending:
             raise Busy(f"{len(self._pending)} requests are waiting")
         window = self.engine.window_for(request)  # validates before queueing
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(owner, request, window, future, time.monotonic()))
+        self._pending.append(_Pending(owner, request, window, future, time.monotonic(), priority))
         self._wake.set()
         return await future
 
@@ -104,7 +106,7 @@ class Batcher:
         bucket is full or the oldest request has waited ``gather_s``."""
         limit = self.engine.batch_buckets[-1]
         while self._pending and len(self._pending) < limit and not self._closed:
-            remaining = self._pending[0].enqueued + self.gather_s - time.monotonic()
+            remaining = min(p.enqueued for p in self._pending) + self.gather_s - time.monotonic()
             if remaining <= 0:
                 return
             self._wake.clear()
@@ -118,9 +120,10 @@ class Batcher:
         self._pending = [p for p in self._pending if not p.future.cancelled()]
         if not self._pending:
             return []
-        window = self._pending[0].window_s  # the oldest request sets the window
+        first = min(self._pending, key=lambda p: (p.priority, p.enqueued))  # it sets the window
         limit = self.engine.batch_buckets[-1]
-        batch = [p for p in self._pending if p.window_s == window][:limit]
+        same = sorted((p for p in self._pending if p.window_s == first.window_s), key=lambda p: (p.priority, p.enqueued))
+        batch = same[:limit]
         taken = set(map(id, batch))
         self._pending = [p for p in self._pending if id(p) not in taken]
         return batch

@@ -55,6 +55,13 @@ def default_cache_dir() -> str:
 DEFAULT_MODEL = "tiny.en"
 MIN_WORD_TOKENS = 229  # word alignment of a full window: <|startoftranscript|> lang task <|notimestamps|> 224 text <|endoftext|>
 
+# Whisper's longest decoder prompt: half the text context (448 // 2 = 224) less one is the most
+# previous text it conditions on (223 tokens), plus <|startofprev|>, plus the start sequence
+# (<|startoftranscript|>, language, task, <|notimestamps|>).  A forced prefix (at most 223 tokens,
+# one less than a window's 224) after the start sequence is no longer.  The engine prefills a
+# prompt in the smallest bucket that holds it, so the largest bucket must hold this one.
+MIN_LARGEST_PROMPT_BUCKET = 223 + 1 + 4
+
 
 class EngineConfig(BaseModel):
     """What the engine compiles and how.
@@ -67,7 +74,8 @@ class EngineConfig(BaseModel):
       30 s must be present for long-form audio and for the fallback from a short window.
     * ``prompt_buckets``: lengths of the token prefix (previous text + start-of-transcript
       sequence) the decoder prefills in one pass.  The largest must hold Whisper's longest
-      prompt: 223 previous tokens + ``<|startofprev|>`` + 4 = 228.
+      prompt, ``MIN_LARGEST_PROMPT_BUCKET``: 223 previous tokens + ``<|startofprev|>`` + 4 = 228
+      (a forced prefix of up to 223 tokens after the start sequence fits it too).
     * ``word_timestamps``: compile word alignment too (``alignment.py``): requests may then ask for
       word-level timestamps.  Off: nothing more is compiled and requests asking for words fail.
     * ``word_token_buckets``: lengths of the token sequence word alignment runs on (start sequence,
@@ -119,8 +127,11 @@ class EngineConfig(BaseModel):
     def _full_window_present(self) -> "EngineConfig":
         if max(self.window_buckets) != CHUNK_LENGTH:
             raise ValueError(f"window_buckets must include {CHUNK_LENGTH} s (Whisper's full window)")
-        if max(self.prompt_buckets) < 8:
-            raise ValueError("the largest prompt bucket must hold at least the start sequence (8)")
+        if max(self.prompt_buckets) < MIN_LARGEST_PROMPT_BUCKET:
+            raise ValueError(
+                f"prompt_buckets: the largest bucket ({max(self.prompt_buckets)}) must hold Whisper's longest prompt, "
+                f"{MIN_LARGEST_PROMPT_BUCKET} tokens (223 of previous text + <|startofprev|> + the 4-token start "
+                f"sequence); add a bucket of at least {MIN_LARGEST_PROMPT_BUCKET}, e.g. 232")
         if max(self.word_token_buckets) < MIN_WORD_TOKENS:
             raise ValueError(f"the largest word_token_bucket must hold a full window's text ({MIN_WORD_TOKENS})")
         return self
@@ -143,8 +154,21 @@ class StreamConfig(BaseModel):
     logprob_threshold: float = -1.0
     compression_ratio_threshold: float = Field(2.4, gt=0)
     silence_keep_s: float = Field(1.0, ge=0)
-    max_prompt_tokens: int = Field(223, ge=0, le=223)
+    # Committed text before the window given as the decoder's prompt (the session's own prompt is
+    # always given).  0 by default: a continuation already carries the window's committed text as
+    # its forced prefix, and a previous-text prompt in a window shorter than 30 s keeps Whisper from
+    # placing the timestamps the window is cut at (measured: scripts/eval_realtime.py, 4x).
+    max_prompt_tokens: int = Field(0, ge=0, le=223)
     keep_audio_after_final: bool = False  # vLLM drops audio appended after final:true
+    # A fresh decode's complete segments past the committed text are committed too (Whisper's seek
+    # rule); off: a fresh decode only finds where to cut inside text the continuations committed.
+    fresh_commits: bool = False
+    # Level the stream as it arrives (audio.Leveller): a quiet passage next to a loud one in the
+    # same window is otherwise skipped by Whisper.
+    level_audio: bool = True
+    # Voice activity (vad.py, Silero): audio in which it hears no speech is not decoded (once the
+    # text before it is settled) and leaves the window as silence.
+    vad: bool = True
 
     @model_validator(mode="after")
     def _consistent(self) -> "StreamConfig":
@@ -197,18 +221,38 @@ class ServerConfig(BaseModel):
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     # API keys: with any configured (here, in api_key_file or in $JAX_REALTIME_API_KEY), every /v1/
     # route (REST and the WebSocket handshake) needs ``Authorization: Bearer <one of them>``.
+    # ``api_key_file`` is one path or a list of them.
     api_keys: tuple[str, ...] = ()
-    api_key_file: str | None = None
+    api_key_file: str | tuple[str, ...] | None = None
     # REST: the largest request body accepted (the uploaded file plus the form), in MiB, and the time
     # a request may take, from its arrival to the last byte of the answer (upload included).
     max_upload_mb: float = Field(25.0, gt=0, le=4096)
     request_timeout_s: float = Field(600.0, gt=0)
+    # REST: the longest audio an upload may decode to.  The body cap bounds compressed bytes only:
+    # 25 MB of FLAC silence or 6 kb/s Opus is many hours.  Decoded audio is 16 kHz float32,
+    # 64 kB a second: 3 h is 691 MB per request (the decode stops as soon as the cap is passed).
+    max_audio_s: float = Field(3 * 3600.0, gt=0)
+    # REST: transcription/translation requests in progress at once (upload parsed -> answer sent,
+    # the audio decoding included); one more is answered 503 with Retry-After.  Each holds its body
+    # (<= max_upload_mb) and its decoded audio (<= max_audio_s at 64 kB/s) until it ends.
+    max_concurrent_requests: int = Field(4, ge=1)
+    # The batcher's queue: windows waiting for the engine; one more is refused (REST: 503,
+    # realtime: an error event).  None: 2 x (max_sessions + max_concurrent_requests), twice what
+    # can be waiting in normal operation (a streaming session and a REST request each have at most
+    # one window queued).  A waiting window holds at most 30 s of 16 kHz float32 audio (1.9 MB),
+    # so the default (136) bounds the queue at about 260 MB.
+    max_pending: int | None = Field(None, ge=1)
     # On SIGTERM/SIGINT: how long running utterances and requests get to finish before the sockets
     # close (keep it below Hypercorn's graceful_timeout when running under the hypercorn command).
     drain_timeout_s: float = Field(25.0, ge=0)
     # The batcher lets a request wait this long for others to join its batch (sessions step on a
     # shared clock, so their requests arrive within milliseconds of each other).
     batch_gather_s: float = Field(0.02, ge=0, le=1.0)
+    # Admission: a realtime session is refused (server_busy) unless the engine's measured load
+    # (capacity.LoadMeter) leaves room for every connected session plus the new one to stream while
+    # the engine stays busy at most this share of the time.
+    target_load: float = Field(0.8, gt=0, le=1.0)
+    admission_control: bool = True  # false: only max_sessions limits sessions (tests, fixed-size fleets)
 
     @field_validator("api_keys")
     @classmethod
@@ -217,22 +261,35 @@ class ServerConfig(BaseModel):
 
     @field_validator("api_key_file")
     @classmethod
-    def _key_file(cls, value: str | None) -> str | None:
-        if value is not None:
-            read_api_key_file(value)  # fail at load time, naming the file
+    def _key_file(cls, value: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
+        for path in (value,) if isinstance(value, str) else value or ():
+            read_api_key_file(path)  # fail at load time, naming the file
         return value
+
+    @property
+    def api_key_files(self) -> tuple[str, ...]:
+        """``api_key_file`` as a tuple of paths (empty when there is none)."""
+        value = self.api_key_file
+        return (value,) if isinstance(value, str) else tuple(value or ())
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
 
+    @property
+    def effective_max_pending(self) -> int:
+        """``max_pending``, or its default: 2 x (max_sessions + max_concurrent_requests)."""
+        if self.max_pending is not None:
+            return self.max_pending
+        return 2 * (self.max_sessions + self.max_concurrent_requests)
+
     def effective_api_keys(self, environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
-        """Every accepted key: ``api_keys``, the key file's, and ``$JAX_REALTIME_API_KEY``'s (one key,
+        """Every accepted key: ``api_keys``, the key files', and ``$JAX_REALTIME_API_KEY``'s (one key,
         or several separated by commas).  Empty: no authentication."""
         environ = os.environ if environ is None else environ
         keys = list(self.api_keys)
-        if self.api_key_file is not None:
-            keys += read_api_key_file(self.api_key_file)
+        for path in self.api_key_files:
+            keys += read_api_key_file(path)
         env = environ.get(API_KEY_ENV, "")
         if env.strip():
             keys += [_check_api_key(k.strip(), f"${API_KEY_ENV}") for k in env.split(",") if k.strip()]

@@ -49,6 +49,7 @@ from .audio import CHUNK_LENGTH, HOP_LENGTH, SAMPLE_RATE, TOKENS_PER_SECOND, log
 from .config import EngineConfig
 from .decoding import (
     COMPRESSION_RATIO_THRESHOLD,
+    too_dense,
     DecodeState,
     DecodingIds,
     History,
@@ -202,7 +203,7 @@ def looks_degenerate(result: DecodeResult) -> bool:
     """
     n_text = sum(len(segment.tokens) for segment in result.segments)
     return (result.hit_token_limit or result.compression_ratio > COMPRESSION_RATIO_THRESHOLD
-            or n_text > 6 * result.duration_s + 4)
+            or too_dense(n_text, result.duration_s))
 
 
 # -- the engine ----------------------------------------------------------------------------------
@@ -241,6 +242,13 @@ class Engine:
         self.window_buckets = self.config.window_buckets
         self.prompt_buckets = self.config.prompt_buckets
         self.max_steps = self.dims.max_new_tokens
+        # Whisper's longest prompt for this model: previous text (max_new_tokens - 1) + <|startofprev|>
+        # + the start sequence with <|notimestamps|> (228 for multilingual models, 226 English-only);
+        # a forced prefix (< max_new_tokens) after the start sequence is shorter
+        self._longest_prompt = self.max_steps + len(self.tokenizer.sot_sequence(None, "transcribe")) + 1
+        if max(self.prompt_buckets) < self._longest_prompt:  # a config built without validation
+            raise ValueError(f"prompt_buckets: the largest bucket ({max(self.prompt_buckets)}) must hold this model's "
+                             f"longest prompt, {self._longest_prompt} tokens")
         self._executables: dict[Bucket, jax.stages.Compiled] = {}
         self._compile_lock = threading.Lock()
         batch_spec = sharding.batch_sharded(self.mesh)
@@ -278,12 +286,17 @@ class Engine:
         return [AlignBucket(b, w, t) for b, w, t in
                 itertools.product(self.batch_buckets, self.window_buckets, self.word_token_buckets)]
 
-    def warmup(self) -> float:
-        """Compile every bucket (from the persistent cache where possible); returns seconds."""
+    def warmup(self, buckets: Sequence[Bucket] | None = None) -> float:
+        """Compile every bucket, or only ``buckets`` (from the persistent cache where possible);
+        returns seconds.  A bucket not compiled here is compiled when a call first needs it.  With
+        word timestamps on, the alignment buckets of the same batch sizes and windows too."""
         started = time.perf_counter()
-        for bucket in self.buckets:
+        for bucket in self.buckets if buckets is None else buckets:
             self._executable(bucket)
+        shapes = None if buckets is None else {(b.batch, b.window_s) for b in buckets}
         for bucket in self.align_buckets:
+            if shapes is not None and (bucket.batch, bucket.window_s) not in shapes:
+                continue
             self._align_executable(bucket)
             self._encode_executable(bucket.batch, bucket.window_s)
         return time.perf_counter() - started
@@ -466,7 +479,11 @@ class Engine:
         if duration > CHUNK_LENGTH:
             raise ValueError(f"a request holds at most {CHUNK_LENGTH} s of audio, got {duration:.2f} s")
         needed = max(duration, request.min_window_s)
-        return next(w for w in self.window_buckets if w >= needed - 1e-9)
+        for window in self.window_buckets:
+            if window >= needed - 1e-9:
+                return window
+        raise ValueError(f"min_window_s {request.min_window_s:g} is longer than the largest window bucket "
+                         f"({self.window_buckets[-1]:g} s)")
 
     def _prepare(self, request: DecodeRequest) -> _Prepared:
         window = self.window_for(request)
@@ -508,8 +525,8 @@ class Engine:
         results = self._decode_prepared(prepared)
         retry = [i for i, r in enumerate(results) if r.window_s < self.window_buckets[-1] and looks_degenerate(r)]
         while self.config.window_fallback and sharding.any_process(bool(retry)):
-            for i in retry:
-                prepared[i].window_s = next(w for w in self.window_buckets if w > prepared[i].window_s)
+            for i in retry:  # each is in a window shorter than the largest (see ``retry``)
+                prepared[i].window_s = min(w for w in self.window_buckets if w > prepared[i].window_s)
             for i, result in zip(retry, self._decode_prepared([prepared[i] for i in retry])):
                 results[i] = result
             retry = [i for i in retry if results[i].window_s < self.window_buckets[-1] and looks_degenerate(results[i])]
@@ -536,10 +553,17 @@ class Engine:
     def _decode_batch(self, batch: list[_Prepared], window: float) -> list[DecodeResult]:
         """One compiled call; ``batch`` holds this process's rows (possibly none)."""
         longest = max((len(p.tokens) for p in batch), default=0)
-        needed = [
-            next(i for i, b in enumerate(self.batch_buckets) if sharding.local_batch(self.mesh, b) >= len(batch)),
-            next(i for i, p in enumerate(self.prompt_buckets) if p >= longest),
-        ]
+        # explicit picks (never ``next()`` on a generator: a StopIteration escaping into the
+        # batcher's executor would leave its future pending forever)
+        batch_fits = [i for i, b in enumerate(self.batch_buckets) if sharding.local_batch(self.mesh, b) >= len(batch)]
+        if not batch_fits:
+            raise ValueError(f"{len(batch)} rows do not fit the largest batch bucket ({self.batch_buckets[-1]})")
+        prompt_fits = [i for i, p in enumerate(self.prompt_buckets) if p >= longest]
+        if not prompt_fits:
+            raise ValueError(f"a prompt of {longest} tokens does not fit the largest prompt bucket "
+                             f"({self.prompt_buckets[-1]}); prompt_buckets must include one of at least "
+                             f"{self._longest_prompt} (see EngineConfig)")
+        needed = [batch_fits[0], prompt_fits[0]]
         batch_index, prompt_index = sharding.gather(needed).max(axis=0)  # the same bucket on every process
         global_size, prompt_len = self.batch_buckets[batch_index], self.prompt_buckets[prompt_index]
         bucket = Bucket(global_size, window, prompt_len)

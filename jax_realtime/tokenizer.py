@@ -40,6 +40,14 @@ LANGUAGES = {
 TASKS = ("transcribe", "translate")
 
 
+# The longest prompt text a client may send (REST ``prompt``, a realtime session's prompt); longer
+# is refused, not truncated.  Whisper conditions on at most 223 tokens of previous text (a long
+# prompt's end); English averages about 4.5 characters a token, so 4096 characters is four times
+# what can be used, and tokenising that many takes about 1-3 ms (harmless on the event loop; two
+# megabytes took 1.7 s).
+MAX_PROMPT_CHARS = 4096
+
+
 class TokenizerError(ValueError):
     """A tokenizer file that does not describe a Whisper vocabulary."""
 

@@ -257,15 +257,36 @@ def read_ct2(files: tuple[str, ...]) -> dict[str, np.ndarray]:
 
 
 def _dequantize(variables: dict[str, np.ndarray], name: str, where: str) -> np.ndarray:
+    """A weight as float: CTranslate2's quantised weights divided by their ``<name>_scale``.
+
+    As ``ct2-transformers-converter --quantization`` writes them (``ModelSpec._quantize``) and
+    CTranslate2 dequantises them (``ops::Dequantize``):
+
+    * int8: one scale per output channel, ``127 / max|w|`` over the rest of the row -- linear
+      weights ``[out, in]``, the embedding ``[vocab, d]`` and the convolutions ``[out, in, k]``
+      (quantised as ``[out, in * k]``);
+    * int16: one scale for the whole tensor, ``2**10 / max|w|``.
+    """
     array = variables[name]
     if array.dtype.kind == "f":
         return array
     scale = variables.get(name + "_scale")
     if scale is None:
         raise CheckpointError(f"{where}: {name} is {array.dtype} without {name}_scale")
-    if array.ndim != 2 or scale.shape != (array.shape[0],):
-        raise CheckpointError(f"{where}: {name}_scale has shape {scale.shape}, expected ({array.shape[0]},) for {name} {array.shape}")
-    return array.astype(np.float32) / scale.astype(np.float32).reshape(-1, 1)
+    scale = np.asarray(scale, np.float32)
+    if array.dtype == np.int8 and array.ndim in (2, 3):
+        if scale.shape != (array.shape[0],):
+            raise CheckpointError(f"{where}: {name}_scale has shape {scale.shape}, expected ({array.shape[0]},) "
+                                  f"(one per output channel) for int8 {name} {array.shape}")
+        rows = array.reshape(array.shape[0], -1).astype(np.float32) / scale[:, None]
+        return rows.reshape(array.shape)
+    if array.dtype == np.int16:
+        if scale.size != 1:
+            raise CheckpointError(f"{where}: {name}_scale has shape {scale.shape}, expected one value for "
+                                  f"int16 {name} {array.shape}")
+        return array.astype(np.float32) / scale.reshape(())
+    raise CheckpointError(f"{where}: {name} is {array.dtype} of shape {array.shape}: not a CTranslate2 quantisation "
+                          "this loader knows (int8 weights of rank 2 or 3, or int16)")
 
 
 def _ct2_tree(variables: dict[str, np.ndarray], where: str) -> tuple[ModelDims, dict]:

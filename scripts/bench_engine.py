@@ -91,12 +91,13 @@ def bench_jax(audio, batch: int, windows, model: str, cache_dir: str, dtype: str
     from jax_realtime.engine import DecodeRequest, Engine
 
     config = EngineConfig(model=model, dtype=dtype, batch_buckets=(batch,), window_buckets=tuple(windows),
-                          prompt_buckets=(8,), cache_dir=cache_dir, model_parallelism=model_parallelism,
+                          prompt_buckets=(8, 232), cache_dir=cache_dir, model_parallelism=model_parallelism,
                           window_fallback=checkpoint is None)  # random output always looks degenerate
     engine = Engine(config, checkpoint)
-    cold = engine.warmup()
+    used = [b for b in engine.buckets if b.prompt_len == 8]  # requests without a prompt: prompt bucket 8
+    cold = engine.warmup(used)
     restarted = Engine(config, checkpoint)  # a second start: programs come from the persistent cache
-    warm = restarted.warmup()
+    warm = restarted.warmup(used)
     del restarted
     cap = (lambda a: max(1, round(tokens_per_s * len(a) / SAMPLE_RATE))) if tokens_per_s else (lambda a: None)
     requests = [DecodeRequest(a, max_new_tokens=cap(a)) for a in audio]
@@ -105,7 +106,7 @@ def bench_jax(audio, batch: int, windows, model: str, cache_dir: str, dtype: str
     memory = engine.memory()
     mib = 2 ** 20
     buckets = ", ".join(f"{b.window_s:g} s {n / mib:.0f}" for b, n in memory["buckets"].items())
-    note = (f"compile {cold:.1f} s cold, {warm:.1f} s from cache ({len(engine.buckets)} buckets); "
+    note = (f"compile {cold:.1f} s cold, {warm:.1f} s from cache ({len(used)} buckets); "
             f"MiB per device: params {memory['params'] / mib:.0f}, per call {buckets}")
     tokens = sum(len(r.tokens) for r in results)
     del engine

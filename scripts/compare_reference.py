@@ -119,7 +119,7 @@ def make_engine(windows: Iterable[float], batch_buckets=(1, 4, 8)):
     from jax_realtime.engine import Engine
 
     config = EngineConfig(model="tiny.en", batch_buckets=tuple(batch_buckets),
-                          window_buckets=tuple(sorted(set(windows) | {30.0})), prompt_buckets=(8,),
+                          window_buckets=tuple(sorted(set(windows) | {30.0})), prompt_buckets=(8, 232),
                           window_fallback=False)
     return Engine(config)
 
@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     engine = make_engine(args.windows)
-    engine.warmup()
+    engine.warmup([b for b in engine.buckets if b.prompt_len == 8])  # no prompts here: prompt bucket 8
     print(f"engine ready in {time.perf_counter() - started:.1f} s", flush=True)
     reference = Ct2Reference(threads=args.threads)
 

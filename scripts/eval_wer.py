@@ -35,7 +35,7 @@ def run_jax(refs, audio, args) -> dict[str, str]:
     from jax_realtime.engine import DecodeRequest, Engine
 
     config = EngineConfig(model=args.model, batch_buckets=(args.batch,), window_buckets=tuple(args.windows),
-                          prompt_buckets=(8,))
+                          prompt_buckets=(8, 232))
     engine = Engine(config)
     results = engine.decode([DecodeRequest(a, timestamps=args.timestamps) for a in audio])
     fallbacks = sum(1 for r, a in zip(results, audio) if r.window_s > min(w for w in args.windows if w >= len(a) / 16000))

@@ -3,8 +3,9 @@
 * Audio: :func:`to_pcm16` (float32 in [-1, 1] -> PCM16 LE bytes, the inverse of the server's
   decoding), :func:`chunk_pcm` (100 ms appends by default), :func:`b64`, :func:`join_clips`.
 * :class:`ServerProcess`: a server child process on a local port, ready once ``GET /health``
-  answers; :meth:`ServerProcess.serve` builds ``jax-realtime serve --config FILE --port <free>``,
-  the constructor takes any command (Hypercorn on ``create_app()``, say).  Output goes to a log
+  answers 200 (it answers 503 ``starting`` while the engine warms); :meth:`ServerProcess.serve`
+  builds ``jax-realtime serve --config FILE --port <free>``, the constructor takes any command
+  (Hypercorn on ``create_app()``, say).  Output goes to a log
   file (:meth:`~ServerProcess.log_tail`); :meth:`~ServerProcess.stop` sends SIGINT (graceful
   shutdown), then kills.  A context manager, and stopped at interpreter exit.
 * :class:`RealtimeClient`: one connection, one event at a time (``update``, ``append``,
@@ -42,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from typing import Any, Callable, Iterable
 
@@ -157,7 +159,7 @@ class ServerError(RuntimeError):
 
 
 class ServerProcess:
-    """A server child process serving on ``host:port``, ready once ``GET /health`` answers.
+    """A server child process serving on ``host:port``, ready once ``GET /health`` answers 200.
 
     ``argv`` is the whole command (it must bind ``port``); :meth:`serve` builds the usual one.
     Use as a context manager (sync)::
@@ -182,8 +184,10 @@ class ServerProcess:
         self.log_path = None if log_path is None else os.fspath(log_path)
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
-        self.startup_health: dict = {}  # /health as first answered
+        self.startup_health: dict = {}  # /health as first answered with 200
+        self.startup_statuses: list[tuple[int, str]] = []  # every answer of /health while starting
         self.startup_s: float | None = None
+        self._launched: float | None = None
         self._log = None
 
     @classmethod
@@ -217,31 +221,49 @@ class ServerProcess:
 
     # -- life cycle
     def start(self) -> ServerProcess:
-        """Start the command and wait until /health answers (raises :class:`ServerError`)."""
+        """Start the command and wait until /health answers 200 (raises :class:`ServerError`)."""
+        self.launch()
+        return self.wait_ready()
+
+    def launch(self) -> ServerProcess:
+        """Start the command; do not wait (see :meth:`wait_ready`)."""
         if self.log_path is None:
             fd, self.log_path = tempfile.mkstemp(prefix=f"jax-realtime-{self.name}-", suffix=".log")
             os.close(fd)
         self._log = open(self.log_path, "ab")
-        started = time.perf_counter()
+        self._launched = time.perf_counter()
         self.proc = subprocess.Popen(self.argv, cwd=self.cwd, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env={**_server_environ(), **(self.env or {})},
                                      start_new_session=True)
         atexit.register(self.stop)
-        deadline = started + self.startup_timeout
+        return self
+
+    def wait_ready(self, poll_s: float = 0.1) -> ServerProcess:
+        """Poll /health until it answers 200 (the engine is warm); every answer before that (503
+        ``starting``) is kept in ``startup_statuses``.  Raises :class:`ServerError` if the process
+        exits or ``startup_timeout`` passes."""
+        deadline = self._launched + self.startup_timeout
         while True:
             if self.proc.poll() is not None:
                 raise ServerError(f"{self.name} exited with {self.proc.returncode} while starting\n{self.log_tail()}")
             try:
                 self.startup_health = self.health(timeout=5.0)
+                self.startup_statuses.append((200, self.startup_health.get("status", "")))
                 break
-            except (OSError, ValueError):  # not listening yet, or not ready
+            except urllib.error.HTTPError as exc:  # listening, not ready: 503 {"status": "starting"}
+                try:
+                    status = json.loads(exc.read()).get("status", "")
+                except ValueError:
+                    status = ""
+                self.startup_statuses.append((exc.code, status))
+            except (OSError, ValueError):  # not listening yet
                 pass
             if time.perf_counter() > deadline:
                 self.stop()
-                raise ServerError(f"{self.name} did not answer /health within {self.startup_timeout:.0f} s\n"
-                                  f"{self.log_tail()}")
-            time.sleep(0.5)
-        self.startup_s = time.perf_counter() - started
+                raise ServerError(f"{self.name} did not answer /health with 200 within {self.startup_timeout:.0f} s"
+                                  f"\n{self.log_tail()}")
+            time.sleep(poll_s)
+        self.startup_s = time.perf_counter() - self._launched
         return self
 
     def stop(self, timeout: float = 40.0, sig: int = signal.SIGINT) -> int | None:

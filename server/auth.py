@@ -1,5 +1,13 @@
 """API keys: ``Authorization: Bearer <key>`` on every ``/v1/`` route, the WebSocket handshake included.
 
+Browsers cannot set headers on a WebSocket, so the handshake may carry the key as a subprotocol
+instead, as OpenAI's browser clients send it: ``Sec-WebSocket-Protocol: realtime,
+openai-insecure-api-key.<KEY>`` (JavaScript: ``new WebSocket(url, ["realtime",
+"openai-insecure-api-key." + key])``).  Either way is accepted.  A browser fails a connection whose
+accepted handshake does not name one of the subprotocols it offered, so the route accepts with
+:func:`choose_subprotocol` (``realtime``; never the key).  A key sent this way must be a valid
+subprotocol token (letters, digits and ``!#$%&'*+-.^_`|~``; no ``/``, ``=`` or ``:``).
+
 The keys come from ``ServerConfig.effective_api_keys()`` (``[server] api_keys``, ``api_key_file``,
 ``--api-key``/``--api-key-file`` and ``$JAX_REALTIME_API_KEY``).  None configured: no check.
 ``/health`` and ``/metrics`` stay open, as vLLM leaves them, for load balancers and Prometheus.
@@ -20,6 +28,8 @@ from quart import Quart, request, websocket
 from .errors import APIError
 
 PROTECTED_PREFIX = "/v1/"
+SUBPROTOCOL = "realtime"
+KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
 
 
 def _digest(value: bytes) -> bytes:
@@ -39,22 +49,44 @@ class KeyChecker:
         if not self._digests:
             return True
         scheme, _, token = (authorization or "").strip().partition(" ")
+        return self._matches(token.strip()) and scheme.lower() == "bearer"
+
+    def allows_subprotocols(self, protocols: Iterable[str]) -> bool:
+        """Whether a WebSocket's requested subprotocols carry one of the keys as
+        ``openai-insecure-api-key.<key>`` (always, with none set)."""
+        if not self._digests:
+            return True
+        keys = [p[len(KEY_SUBPROTOCOL_PREFIX):] for p in protocols if p.startswith(KEY_SUBPROTOCOL_PREFIX)]
+        return any([self._matches(key) for key in keys])  # a list: every one compared
+
+    def _matches(self, token: str) -> bool:
         # header values reach us decoded as latin-1: encode back to the bytes that were sent
-        presented = _digest(token.strip().encode("latin-1", "replace"))
+        presented = _digest(token.encode("latin-1", "replace"))
         matched = False
         for digest in self._digests:
             matched |= hmac.compare_digest(presented, digest)
-        return matched and scheme.lower() == "bearer"
+        return matched
+
+
+def choose_subprotocol(requested: Iterable[str]) -> str | None:
+    """The subprotocol to accept a WebSocket with: ``realtime`` if offered, else the first offered
+    one that is not a key, else none (a client that offered nothing else gets no subprotocol)."""
+    requested = list(requested)
+    if SUBPROTOCOL in requested:
+        return SUBPROTOCOL
+    return next((p for p in requested if not p.startswith(KEY_SUBPROTOCOL_PREFIX)), None)
 
 
 def unauthorized() -> APIError:
-    return APIError(401, "Invalid or missing API key: send it as 'Authorization: Bearer <key>'.",
+    return APIError(401, "Invalid or missing API key: send it as 'Authorization: Bearer <key>' (a WebSocket may "
+                         "offer the subprotocol 'openai-insecure-api-key.<key>' instead).",
                     headers={"WWW-Authenticate": 'Bearer realm="jax-realtime"'})
 
 
 def install_auth(app: Quart, checker: KeyChecker) -> None:
-    """Refuse ``/v1/`` requests and WebSocket handshakes without a valid key with HTTP 401
-    (a handshake is refused before it is accepted, so no event is ever sent)."""
+    """Refuse ``/v1/`` requests and WebSocket handshakes without a valid key (a handshake: in the
+    ``Authorization`` header or a subprotocol) with HTTP 401 (a handshake is refused before it is
+    accepted, so no event is ever sent)."""
     if not checker.enabled:
         return
 
@@ -66,6 +98,9 @@ def install_auth(app: Quart, checker: KeyChecker) -> None:
 
     @app.before_websocket
     async def require_key_websocket():
-        if websocket.path.startswith(PROTECTED_PREFIX) and not checker.allows(websocket.headers.get("Authorization")):
+        if websocket.path.startswith(PROTECTED_PREFIX) and not (
+            checker.allows(websocket.headers.get("Authorization"))
+            or checker.allows_subprotocols(websocket.requested_subprotocols)
+        ):
             return unauthorized().response()
         return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from quart import Quart, Response, json
+from quart import Quart, Response, json, request
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("jax_realtime.server")
@@ -62,6 +62,20 @@ def too_large(limit_bytes: int) -> APIError:
                          f"{limit_bytes / (1024 * 1024):g} MiB.", "file")
 
 
+def field_too_large(limit_bytes: int) -> APIError:
+    from jax_realtime.tokenizer import MAX_PROMPT_CHARS
+
+    return APIError(400, f"A form field is over this server's limit of {limit_bytes // 1024} KiB (a prompt may hold "
+                         f"at most {MAX_PROMPT_CHARS} characters).", None)
+
+
+def _body_over_the_cap(limit_bytes: int) -> bool:
+    """Whether a 413 was for the body (declared or received past MAX_CONTENT_LENGTH), not for one
+    form field over MAX_FORM_MEMORY_SIZE."""
+    received = getattr(getattr(request, "body", None), "_received", 0) or 0
+    return (request.content_length or 0) > limit_bytes or received > limit_bytes
+
+
 def install_error_handlers(app: Quart) -> None:
     @app.errorhandler(APIError)
     async def api_error(error: APIError):
@@ -70,7 +84,9 @@ def install_error_handlers(app: Quart) -> None:
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException):
         status = error.code or 500
-        if status == 413:  # body over MAX_CONTENT_LENGTH: a bad request, as the spec (and vLLM) answer it
+        if status == 413:  # a bad request, as the spec (and vLLM) answer it
+            if not _body_over_the_cap(app.config["MAX_CONTENT_LENGTH"]):
+                return field_too_large(app.config["MAX_FORM_MEMORY_SIZE"]).response()
             return too_large(app.config["MAX_CONTENT_LENGTH"]).response()
         if status == 408:
             message = f"The request body did not arrive within {app.config['BODY_TIMEOUT']:g} s."

@@ -9,7 +9,14 @@ metric                                          type       what
 =============================================  =========  ==============================================
 ``sessions``                                    gauge      live ``/v1/realtime`` sessions
 ``sessions_opened_total``                       counter    sessions accepted
-``sessions_refused_total``                      counter    connections refused with ``server_busy``
+``sessions_refused_total{reason}``              counter    connections refused: busy (no capacity: ``server_busy``,
+                                                           1013) or shutdown (``server_shutdown``, 1001)
+``slow_readers_total``                          counter    sessions closed (1008) because the client did not read
+                                                           its events
+``capacity_sessions``                           gauge      streaming sessions the engine keeps up with (measured)
+``capacity_headroom``                           gauge      share of that capacity still free (0: full)
+``engine_busy_fraction``                        gauge      share of the last 20 s the engine was busy
+``streaming_sessions``                          gauge      sessions with an utterance running
 ``utterances_total{outcome}``                   counter    realtime utterances: done / failed / cancelled
 ``audio_seconds_total{source}``                 counter    audio received: realtime / rest
 ``http_requests_total{endpoint,status}``        counter    REST audio requests by answer status
@@ -26,6 +33,10 @@ metric                                          type       what
 ``delta_latency_seconds``                       histogram  newest audio in a decoded window arriving to
                                                            its ``transcription.delta``
 ``final_latency_seconds``                       histogram  ``final: true`` to ``transcription.done``
+``untranscribed_audio_seconds_total{reason}``   counter    realtime audio that left a window without text:
+                                                           silence (heard as silence with and without the
+                                                           prompt), empty (decoded, no words), forced (a
+                                                           full window Whisper did not segment)
 ``compilations_total``                          counter    XLA compilations in the process (warm-up included;
                                                            must not move while serving)
 ``compile_seconds_total``                       counter    time spent compiling
@@ -86,6 +97,15 @@ class _ServiceCollector(Collector):
         yield CounterMetricFamily(f"{PREFIX}_compile_seconds", "Seconds spent compiling", value=c["compile_seconds"])
         yield CounterMetricFamily(f"{PREFIX}_compilation_cache_hits", "Compilations served by the persistent cache",
                                   value=c["cache_hits"])
+        capacity = service.capacity()
+        yield GaugeMetricFamily(f"{PREFIX}_capacity_sessions", "Streaming sessions the engine keeps up with",
+                                value=capacity.sessions_max)
+        yield GaugeMetricFamily(f"{PREFIX}_capacity_headroom", "Share of the streaming capacity still free",
+                                value=capacity.headroom)
+        yield GaugeMetricFamily(f"{PREFIX}_engine_busy_fraction", "Share of the last seconds the engine was busy",
+                                value=capacity.busy)
+        yield GaugeMetricFamily(f"{PREFIX}_streaming_sessions", "Sessions with an utterance running",
+                                value=service.streaming_sessions())
         info = GaugeMetricFamily(f"{PREFIX}_model_info", "The served checkpoint", labels=["model"])
         info.add_metric([service.engine.name], 1)
         yield info
@@ -99,8 +119,12 @@ class Metrics:
         self.service: Service | None = None
         r = self.registry
         self.sessions_opened = Counter(f"{PREFIX}_sessions_opened", "Realtime sessions accepted", registry=r)
-        self.sessions_refused = Counter(f"{PREFIX}_sessions_refused", "Realtime connections refused (server_busy)",
-                                        registry=r)
+        self.sessions_refused = Counter(f"{PREFIX}_sessions_refused", "Realtime connections refused, by reason",
+                                        ["reason"], registry=r)
+        for reason in ("busy", "shutdown"):
+            self.sessions_refused.labels(reason)
+        self.slow_readers = Counter(f"{PREFIX}_slow_readers", "Sessions closed because the client did not read",
+                                    registry=r)
         self.utterances = Counter(f"{PREFIX}_utterances", "Realtime utterances by outcome", ["outcome"], registry=r)
         for outcome in ("done", "failed", "cancelled"):
             self.utterances.labels(outcome)
@@ -124,6 +148,11 @@ class Metrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.final_latency = Histogram(f"{PREFIX}_final_latency_seconds",
                                        "commit final:true to transcription.done", buckets=LATENCY_BUCKETS, registry=r)
+        self.untranscribed_seconds = Counter(f"{PREFIX}_untranscribed_audio_seconds",
+                                             "Realtime audio that left a decoding window without text, by reason",
+                                             ["reason"], registry=r)
+        for reason in ("silence", "empty", "forced"):
+            self.untranscribed_seconds.labels(reason)
         r.register(_ServiceCollector(self))
 
     def attach(self, service: Service) -> None:

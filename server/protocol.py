@@ -54,6 +54,7 @@ __all__ = [
     "SessionUpdated",
     "TranscriptionDelta",
     "TranscriptionDone",
+    "TranscriptionPartial",
     "ErrorEvent",
     "ServerEvent",
     "dump",
@@ -187,6 +188,8 @@ class SessionUpdate(_ClientEventBase):
     language: str | None = None
     prompt: str | None = None
     task: Literal["transcribe", "translate"] = "transcribe"
+    # Extension, opt-in: send ``transcription.partial`` after each decoding step.
+    partials: bool = False
 
 
 class InputAudioBufferAppend(_ClientEventBase):
@@ -333,17 +336,28 @@ class SessionUpdated(_ServerEventBase):
     language: str | None
     prompt: str | None
     task: Literal["transcribe", "translate"]
+    partials: bool = False
 
     @classmethod
     def from_update(cls, update: SessionUpdate) -> SessionUpdated:
         return cls(
-            model=update.model, language=update.language, prompt=update.prompt, task=update.task
+            model=update.model, language=update.language, prompt=update.prompt, task=update.task,
+            partials=update.partials,
         )
 
 
 class TranscriptionDelta(_ServerEventBase):
     type: Literal["transcription.delta"] = "transcription.delta"
     delta: str
+
+
+class TranscriptionPartial(_ServerEventBase):
+    """Extension, only after ``session.update`` with ``partials: true``: the running utterance's
+    unstable text beyond what the deltas sent so far (it may still change). Each replaces the
+    previous one; "" clears it. vLLM clients never see it."""
+
+    type: Literal["transcription.partial"] = "transcription.partial"
+    text: str
 
 
 class TranscriptionDone(_ServerEventBase):
@@ -360,7 +374,9 @@ class ErrorEvent(_ServerEventBase):
     code: str
 
 
-ServerEvent = Union[SessionCreated, SessionUpdated, TranscriptionDelta, TranscriptionDone, ErrorEvent]
+ServerEvent = Union[
+    SessionCreated, SessionUpdated, TranscriptionDelta, TranscriptionPartial, TranscriptionDone, ErrorEvent
+]
 
 
 def dump(event: ServerEvent) -> str:

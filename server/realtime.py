@@ -1,7 +1,9 @@
 """The ``/v1/realtime`` WebSocket route (thin: the work is in ``connection.py``).
 
-With API keys configured, a handshake without ``Authorization: Bearer <key>`` never reaches this
-route: ``auth.py``'s ``before_websocket`` hook answers the upgrade with HTTP 401.
+With API keys configured, a handshake without ``Authorization: Bearer <key>`` (or the key as the
+subprotocol ``openai-insecure-api-key.<key>``) never reaches this route: ``auth.py``'s
+``before_websocket`` hook answers the upgrade with HTTP 401.  The route accepts with a subprotocol
+the client offered (``realtime``), without which browsers fail the connection.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from quart import Blueprint, current_app, websocket
 
 from .app import service_of
+from .auth import choose_subprotocol
 from .connection import RealtimeConnection
 
 realtime = Blueprint("realtime", __name__)
@@ -16,4 +19,5 @@ realtime = Blueprint("realtime", __name__)
 
 @realtime.websocket("/v1/realtime")
 async def realtime_socket():
+    await websocket.accept(subprotocol=choose_subprotocol(websocket.requested_subprotocols))
     await RealtimeConnection(websocket._get_current_object(), service_of(current_app)).serve()

@@ -20,10 +20,14 @@ the service's one batcher, the same one the realtime sessions use.  Decisions:
   stream started is sent as ``data: {"error": {...}}`` before ``[DONE]``.
 * ``model`` may be omitted (the first served name); ``language`` None: English on English-only
   models, detected on multilingual ones; translations take ``language`` as the source's hint.
-* Limits: the body over ``max_upload_mb`` is a 400; a request that takes longer than
-  ``request_timeout_s`` from arrival (upload included) is a 504 (408 while the upload is still
-  arriving), and its windows are dropped from the batcher.  A client that disconnects cancels its
-  work the same way.
+* Limits: the body over ``max_upload_mb`` is a 400; so is audio that decodes to more than
+  ``max_audio_s`` (the decoding stops there) and a ``prompt`` over ``MAX_PROMPT_CHARS``.  At most
+  ``max_concurrent_requests`` audio requests are in progress at once, from the parsed upload
+  (decoding included) to the last byte of the answer; one more is answered 503 with Retry-After
+  at once (it does not wait: a slot may stay taken for minutes by a long file, and the OpenAI
+  SDKs retry a 503 after Retry-After).  A request that takes longer than ``request_timeout_s``
+  from arrival (upload included) is a 504 (408 while the upload is still arriving), and its
+  windows are dropped from the batcher.  A client that disconnects cancels its work the same way.
 """
 
 from __future__ import annotations
@@ -34,16 +38,17 @@ import json
 import logging
 import secrets
 import time
+import weakref
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from quart import Blueprint, Response, current_app, g, request
 
-from jax_realtime.audio import SAMPLE_RATE, AudioError, decode_audio
+from jax_realtime.audio import SAMPLE_RATE, AudioError, AudioTooLong, decode_audio
 from jax_realtime.batcher import Busy, EngineError
 from jax_realtime.formats import render
-from jax_realtime.tokenizer import LANGUAGES
+from jax_realtime.tokenizer import LANGUAGES, MAX_PROMPT_CHARS
 from jax_realtime.transcribe import TranscribeOptions, Transcript, transcribe_async
 
 from .errors import BAD_AUDIO, APIError
@@ -87,6 +92,9 @@ def parse_form(form) -> AudioForm:
     """Validate the multipart fields; a bad one is a 400 naming it."""
     fields = {name: form.get(name) for name in AudioForm.model_fields if name != "timestamp_granularities"}
     fields = {k: v for k, v in fields.items() if v not in (None, "")}
+    if len(fields.get("prompt") or "") > MAX_PROMPT_CHARS:
+        raise APIError(400, f"prompt: {len(fields['prompt'])} characters is over this server's limit of "
+                            f"{MAX_PROMPT_CHARS} (Whisper uses only the last 223 tokens of a prompt).", "prompt")
     granularities = [v for key in ("timestamp_granularities[]", "timestamp_granularities")
                      for v in form.getlist(key) if v != ""]
     if granularities:
@@ -162,27 +170,34 @@ async def _audio(task: str):
     upload = (await request.files).get("file")
     if upload is None:
         raise APIError(400, "Missing required parameter: 'file'.", "file")
+    slot = _Slot(service)  # from here on the request decodes and holds audio: 503 past the bound
     try:
-        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-            audio = await _decode(upload)
-    except TimeoutError:
-        raise _timeout(limits.request_timeout_s) from None
-    _metrics().audio_seconds.labels("rest").inc(len(audio) / SAMPLE_RATE)
-    owner = f"rest-{secrets.token_hex(8)}"
-    submit = functools.partial(service.batcher.submit, owner)
-    if form.stream:
-        return _stream(service, submit, owner, audio, options, form, model, task, deadline)
-    try:
-        service.requests_in_flight += 1  # a drain waits for it
-        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-            transcript = await transcribe_async(submit, service.engine, audio, options)
-    except TimeoutError:
-        raise _timeout(limits.request_timeout_s) from None
-    except (Busy, EngineError, ValueError) as exc:
-        raise _engine_error(exc) from None
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                audio = await _decode(upload, limits.max_audio_s)
+        except TimeoutError:
+            raise _timeout(limits.request_timeout_s) from None
+        _metrics().audio_seconds.labels("rest").inc(len(audio) / SAMPLE_RATE)
+        owner = f"rest-{secrets.token_hex(8)}"
+        submit = functools.partial(service.batcher.submit, owner, priority=1)  # realtime steps go first
+        if form.stream:  # the slot goes with the stream: released when it ends
+            response = _stream(service, submit, owner, audio, options, form, model, task, deadline, slot)
+            slot = None
+            return response
+        try:
+            service.requests_in_flight += 1  # a drain waits for it
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                transcript = await transcribe_async(submit, service.engine, audio, options)
+        except TimeoutError:
+            raise _timeout(limits.request_timeout_s) from None
+        except (Busy, EngineError, ValueError) as exc:
+            raise _engine_error(exc) from None
+        finally:
+            service.requests_in_flight -= 1
+            service.batcher.cancel(owner)  # anything still waiting (a timeout, a disconnect)
     finally:
-        service.requests_in_flight -= 1
-        service.batcher.cancel(owner)  # anything still waiting (a timeout, a disconnect)
+        if slot is not None:
+            slot.release()
     body = render(transcript, form.response_format, task)
     mimetype = PLAIN_TYPES.get(form.response_format)
     if mimetype is None:
@@ -212,18 +227,57 @@ def _options(service, form: AudioForm, task: str) -> TranscribeOptions:
                              temperatures=form.temperatures(), word_timestamps=form.words)
 
 
-async def _decode(upload) -> np.ndarray:
-    """The upload as 16 kHz mono float32, decoded off the event loop."""
+class _Slot:
+    """One of the ``max_concurrent_requests`` REST audio requests in progress (``service.rest_active``).
+
+    Taken when the upload has been parsed and checked, released once: when the answer is complete,
+    or, for a stream, when the stream ends -- or when the stream is dropped unstarted (a client that
+    went away): ``weakref.finalize`` on the stream's generator is the backstop."""
+
+    def __init__(self, service) -> None:
+        limit = service.config.server.max_concurrent_requests
+        if service.rest_active >= limit:
+            raise APIError(503, f"The server is busy: it is at its limit of {limit} transcription requests in "
+                                "progress at once. Retry later.", headers={"Retry-After": "1"})
+        service.rest_active += 1
+        self._service = service
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._service.rest_active -= 1
+
+    def release_with(self, holder) -> None:
+        """Release when ``holder`` is garbage-collected, if not before."""
+        weakref.finalize(holder, self.release)
+
+
+async def _decode(upload, max_seconds: float) -> np.ndarray:
+    """The upload as 16 kHz mono float32, decoded off the event loop (at most ``max_seconds``)."""
     name = upload.filename or "file"
 
     def read_and_decode():
-        return decode_audio(upload.read(), name)
+        return decode_audio(upload.read(), name, max_seconds=max_seconds)
 
     try:
         return await asyncio.to_thread(read_and_decode)
+    except AudioTooLong as exc:
+        log.info("rejected upload: %s", exc)
+        raise APIError(400, f"The audio is longer than this server's limit of {_duration(max_seconds)}: "
+                            "send a shorter file, or split it.", "file") from None
     except AudioError as exc:
         log.info("rejected upload: %s", exc)
         raise APIError(400, BAD_AUDIO, "file") from None
+
+
+def _duration(seconds: float) -> str:
+    """``10800`` -> ``"10800 s (3 h)"``."""
+    if seconds >= 3600:
+        return f"{seconds:g} s ({seconds / 3600:g} h)"
+    if seconds >= 60:
+        return f"{seconds:g} s ({seconds / 60:g} min)"
+    return f"{seconds:g} s"
 
 
 def _timeout(seconds: float) -> APIError:
@@ -241,7 +295,7 @@ def _engine_error(exc: Exception) -> APIError:
 
 
 def _stream(service, submit, owner: str, audio, options: TranscribeOptions, form: AudioForm, model: str,
-            task: str, deadline: float) -> Response:
+            task: str, deadline: float, slot: _Slot) -> Response:
     """Server-sent events: a chunk per window as it is decoded, then ``[DONE]``."""
     rid = ("trsc-" if task == "transcribe" else "trsl-") + secrets.token_hex(12)
     created = int(time.time())
@@ -305,8 +359,11 @@ def _stream(service, submit, owner: str, audio, options: TranscribeOptions, form
             service.requests_in_flight -= 1
             task_.cancel()
             service.batcher.cancel(owner)
+            slot.release()
 
-    response = Response(events(), mimetype="text/event-stream")
+    body = events()
+    slot.release_with(body)
+    response = Response(body, mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
     response.timeout = max(1.0, deadline - time.monotonic()) + 30  # a backstop; the generator keeps the deadline
@@ -336,9 +393,12 @@ async def model(model_id: str):
 
 @rest.get("/health")
 async def health():
-    service = current_app.extensions.get("jax_realtime")
-    if service is None:  # before_serving has not finished warming the engine
-        return {"status": "starting"}, 503
+    from .app import LIFECYCLE
+
+    lifecycle = current_app.extensions[LIFECYCLE]
+    service = lifecycle.service
+    if service is None:  # the engine is loading and compiling (or failed to, and the server is stopping)
+        return {"status": lifecycle.state}, 503
     from jax_realtime.engine import compile_stats
 
     body = {
@@ -351,6 +411,7 @@ async def health():
         "queue_depth": service.batcher.queue_depth,
         "compile": compile_stats(),
         "buckets": len(service.engine.buckets),
+        "capacity": service.capacity().as_dict(),
     }
     return body, 503 if service.draining.is_set() else 200  # load balancers stop sending work here
 

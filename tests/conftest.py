@@ -55,6 +55,15 @@ def tiny_engine(engine_config):
 
 
 @pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """tiny.en's tokenizer alone (no engine to compile): for the pure streaming policy."""
+    from jax_realtime.tokenizer import WhisperTokenizer
+    from jax_realtime.weights import resolve
+
+    return WhisperTokenizer(resolve("tiny.en").tokenizer_file, multilingual=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint_dir() -> str:
     from jax_realtime.weights import resolve
 
@@ -80,3 +89,83 @@ def encode_with_av(stereo: np.ndarray, container: str, codec: str, rate: int) ->
         for packet in stream.encode(None):
             out.mux(packet)
     return buf.getvalue()
+
+
+def flac_silence(seconds: float, rate: int = 8000) -> bytes:
+    """``seconds`` of digital silence as a FLAC file: hours of it take a few hundred kB (the
+    compressed-size cap lets it through; decoded at 16 kHz float32 it would be gigabytes)."""
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    block = np.zeros(rate * 60, np.int16)
+    with sf.SoundFile(buf, "w", rate, 1, format="FLAC", subtype="PCM_16") as f:
+        left = round(seconds * rate)
+        while left > 0:
+            f.write(block[:left])
+            left -= len(block)
+    return buf.getvalue()
+
+
+def webm_silence(seconds: float, duration_header: bool = False) -> bytes:
+    """``seconds`` of silence as 6 kb/s mono Opus in WebM (tens of hours fit in 25 MB).  Without
+    ``duration_header`` the file is written as a browser's MediaRecorder writes it, to a stream that
+    cannot seek back: no duration in the header, so only decoding tells how long it is."""
+    import io
+
+    import av
+
+    class Sink(io.RawIOBase):
+        def __init__(self):
+            self.data = bytearray()
+
+        def writable(self):
+            return True
+
+        def seekable(self):
+            return False
+
+        def write(self, b):
+            self.data += b
+            return len(b)
+
+    sink = io.BytesIO() if duration_header else Sink()
+    rate = 48000
+    with av.open(sink, "w", format="webm") as out:
+        stream = out.add_stream("libopus", rate=rate, layout="mono")
+        stream.bit_rate = 6000
+        block = np.zeros((1, rate * 10), np.float32)
+        for first in range(0, round(seconds * rate), block.shape[1]):
+            frame = av.AudioFrame.from_ndarray(block[:, : round(seconds * rate) - first], format="flt", layout="mono")
+            frame.sample_rate = rate
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return sink.getvalue() if duration_header else bytes(sink.data)
+
+
+class CountingReader:
+    """A seekable binary file over ``data`` that counts the bytes handed out: how far a decoder read."""
+
+    def __init__(self, data: bytes, name: str = "upload"):
+        import io
+
+        self._buf = io.BytesIO(data)
+        self.name = name
+        self.bytes_read = 0
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self._buf.read(n)
+        self.bytes_read += len(chunk)
+        return chunk
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._buf.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._buf.tell()
+
+    def seekable(self) -> bool:
+        return True

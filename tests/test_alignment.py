@@ -232,7 +232,7 @@ SHARDED_SCRIPT = textwrap.dedent(
     from jax_realtime.engine import AlignRequest, DecodeRequest, Engine
 
     assert jax.device_count() == 4, jax.devices()
-    config = EngineConfig(model="tiny.en", batch_buckets=(4,), window_buckets=(10.0, 30.0), prompt_buckets=(8,),
+    config = EngineConfig(model="tiny.en", batch_buckets=(4,), window_buckets=(10.0, 30.0), prompt_buckets=(8, 232),
                           word_timestamps=True, word_token_buckets=(232,))
     clips = [load_clip(r) for r in load_refs() if r["language"] == "en"][:6]
     engine = Engine(config)

@@ -11,13 +11,14 @@ import pytest
 import soundfile as sf
 import soxr
 
-from conftest import DATA, encode_with_av, load_clip, load_refs
+from conftest import DATA, CountingReader, encode_with_av, flac_silence, load_clip, load_refs, webm_silence
 
 from jax_realtime.audio import (
     N_FRAMES,
     N_SAMPLES,
     SAMPLE_RATE,
     AudioError,
+    AudioTooLong,
     decode_audio,
     log_mel_spectrogram,
     pcm16_to_float32,
@@ -278,6 +279,82 @@ def test_non_finite_samples(tmp_path):
 
 def test_audio_error_is_a_value_error():
     assert issubclass(AudioError, ValueError)
+
+
+# -- the decoded-duration cap ---------------------------------------------------------------------
+
+def _peak_bytes(fn) -> int:
+    """Peak of Python-tracked allocations (numpy's buffers included) while ``fn`` runs."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_hours_of_flac_silence_are_refused_from_the_header():
+    """2 h of digital silence: 180 kB of FLAC, 460 MB as 16 kHz float32.  Refused at once, without
+    decoding (the header states the length), and the message says the limit."""
+    import time
+
+    data = flac_silence(2 * 3600)
+    assert len(data) < 1024 * 1024
+    started = time.perf_counter()
+    peak = _peak_bytes(lambda: pytest.raises(AudioTooLong, decode_audio, data, "long.flac", max_seconds=3600))
+    assert time.perf_counter() - started < 2.0
+    assert peak < 16 * 1024 * 1024, peak
+    with pytest.raises(AudioTooLong) as info:
+        decode_audio(data, "long.flac", max_seconds=3600)
+    assert str(info.value) == "long.flac: the audio (7200 s) is longer than the limit of 3600 s"
+    assert info.value.limit_s == 3600 and isinstance(info.value, AudioError)
+
+
+def test_webm_without_a_duration_stops_decoding_at_the_limit():
+    """A MediaRecorder-style WebM (Opus, no duration in the header) of 5 minutes, capped at 60 s:
+    decoding stops once 60 s are passed -- a fraction of the file is read, memory stays small."""
+    data = webm_silence(300)
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        assert container.duration is None  # only decoding can tell its length
+    reader = CountingReader(data, "rec.webm")
+    peak = _peak_bytes(lambda: pytest.raises(AudioTooLong, decode_audio, reader, max_seconds=60))
+    assert reader.bytes_read < 0.4 * len(data), (reader.bytes_read, len(data))
+    assert peak < 16 * 1024 * 1024, peak  # 60 s at 16 kHz is 3.8 MB; 5 min at 48 kHz would be 58 MB
+    with pytest.raises(AudioTooLong, match=r"^rec\.webm: the audio is longer than the limit of 60 s$"):
+        decode_audio(CountingReader(data, "rec.webm"), max_seconds=60)
+    assert len(decode_audio(data, max_seconds=301)) == 300 * SAMPLE_RATE  # under the cap: all of it
+
+
+def test_webm_with_a_duration_is_refused_from_the_header():
+    data = webm_silence(300, duration_header=True)
+    reader = CountingReader(data)
+    with pytest.raises(AudioTooLong, match=r"\(300 s\) is longer than the limit of 30 s"):
+        decode_audio(reader, max_seconds=30)
+    assert reader.bytes_read < 0.25 * len(data), (reader.bytes_read, len(data))
+
+
+@pytest.mark.parametrize("fmt,subtype,ext,lossy", FORMATS, ids=[f[2] for f in FORMATS])
+def test_the_cap_at_its_edge(tmp_path, clip, fmt, subtype, ext, lossy):
+    """At 44.1 kHz stereo (mixed down and resampled block by block): a limit above the clip's
+    length decodes exactly what no limit decodes; one below it is refused."""
+    _needs(fmt, subtype)
+    stereo = soxr.resample(np.stack([clip, 0.5 * clip], axis=1), SAMPLE_RATE, 44100).astype(np.float32)
+    path = _write(tmp_path / f"clip.{ext}", stereo, 44100, fmt, subtype)
+    duration = sf.info(path).frames / 44100
+    full = decode_audio(path)
+    np.testing.assert_array_equal(decode_audio(path, max_seconds=duration + 0.01), full)
+    with pytest.raises(AudioTooLong):
+        decode_audio(path, max_seconds=duration - 0.05)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan")])
+def test_the_cap_must_be_positive(clip, bad):
+    with pytest.raises(ValueError, match="max_seconds"):
+        decode_audio(DATA / _ref("ljspeech-LJ001-0016")["wav"], max_seconds=bad)
 
 
 # -- PCM16 ---------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from jax_realtime.config import (
     DEFAULT_MODEL,
+    MIN_LARGEST_PROMPT_BUCKET,
     ConfigError,
     EngineConfig,
     ServiceConfig,
@@ -91,9 +92,15 @@ def test_full_window_is_required():
     assert "30" in text
 
 
-def test_prompt_buckets_must_hold_the_start_sequence():
-    _invalid("prompt", prompt_buckets=(4, 7))
-    assert EngineConfig(prompt_buckets=(8,)).prompt_buckets == (8,)
+def test_prompt_buckets_must_hold_whispers_longest_prompt():
+    """The largest bucket must hold 223 tokens of previous text + <|startofprev|> + 4: a smaller one
+    would leave a long streaming prompt (or forced prefix) without a bucket."""
+    for bad in ((4, 7), (8,), (8, 64, 227)):
+        text = _invalid("prompt_buckets", prompt_buckets=bad)
+        assert f"the largest bucket ({max(bad)}) must hold Whisper's longest prompt, 228 tokens" in text, text
+    assert MIN_LARGEST_PROMPT_BUCKET == 228
+    assert EngineConfig(prompt_buckets=(8, 228)).prompt_buckets == (8, 228)
+    assert EngineConfig(prompt_buckets=(232,)).prompt_buckets == (232,)
 
 
 @pytest.mark.parametrize("field,bad", [("dtype", "int8"), ("model", ""), ("batch_buckets", (1.5, 4)),
@@ -289,6 +296,50 @@ def test_api_key_file_problems_name_the_file(tmp_path):
     bad.write_text("ok-key\nsecret with spaces\n")
     msg = _config_error(None, server={"api_key_file": str(bad)})
     assert f"api_key_file {bad}, key 2: an API key may only hold" in msg and "secret with" not in msg
+
+
+def test_api_key_file_takes_one_path_or_several(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("key-a\n")
+    b.write_text("key-b\nkey-a\n")
+    one = load_config(_write(tmp_path, f'[server]\napi_key_file = "{a}"\n'))
+    assert one.server.api_key_files == (str(a),) and one.server.effective_api_keys({}) == ("key-a",)
+    both = load_config(_write(tmp_path, f'[server]\napi_key_file = ["{a}", "{b}"]\n'))
+    assert both.server.api_key_files == (str(a), str(b))
+    assert both.server.effective_api_keys({}) == ("key-a", "key-b")
+    assert f"api_key_file {tmp_path / 'c.txt'}: cannot read" in _config_error(
+        None, server={"api_key_file": [str(a), str(tmp_path / "c.txt")]})
+
+
+def test_serve_flags_add_to_the_configs_keys(tmp_path):
+    """``--api-key``/``--api-key-file`` add to the config's api_keys and api_key_file (and the
+    environment's keys), as the README says: every source is accepted together."""
+    from jax_realtime.cli import build_parser
+    from server.cli import add_serve, serve_config
+
+    config_file, flag_file = tmp_path / "config-keys.txt", tmp_path / "flag-keys.txt"
+    config_file.write_text("config-file-key\n")
+    flag_file.write_text("flag-file-key\n")
+    path = _write(tmp_path, f'[server]\napi_keys = ["config-key"]\napi_key_file = "{config_file}"\n')
+    parser = build_parser(add_serve)
+    args = parser.parse_args(["serve", "--config", path, "--api-key", "flag-1", "--api-key", "flag-2",
+                              "--api-key-file", str(flag_file)])
+    server = serve_config(args).server
+    assert server.effective_api_keys({"JAX_REALTIME_API_KEY": "env-key"}) == (
+        "config-key", "flag-1", "flag-2", "config-file-key", "flag-file-key", "env-key")
+    assert serve_config(parser.parse_args(["serve", "--config", path])).server.effective_api_keys({}) == (
+        "config-key", "config-file-key")
+
+
+def test_new_server_limits_defaults_and_validation(tmp_path):
+    s = ServiceConfig().server
+    assert s.max_audio_s == 3 * 3600 and s.max_concurrent_requests == 4 and s.max_pending is None
+    assert s.effective_max_pending == 2 * (64 + 4) == 136  # 2 x (max_sessions + max_concurrent_requests)
+    s = load_config(server={"max_sessions": 10, "max_concurrent_requests": 2}).server
+    assert s.effective_max_pending == 24
+    assert load_config(server={"max_pending": 7}).server.effective_max_pending == 7
+    for key, bad in (("max_audio_s", 0), ("max_concurrent_requests", 0), ("max_pending", 0)):
+        assert f"server.{key}" in _config_error(None, server={key: bad})
 
 
 def test_bad_env_key_is_reported():

@@ -109,6 +109,53 @@ def test_bad_requests_are_rejected_with_a_reason(tiny_engine, request_kwargs, me
         tiny_engine.decode([DecodeRequest(**request_kwargs)])
 
 
+def test_a_min_window_beyond_every_bucket_is_a_value_error(tiny_engine):
+    """Not a StopIteration (which, raised on the batcher's engine thread, never reaches the
+    waiting future): a ValueError naming the problem, from ``window_for`` and ``decode``."""
+    request = DecodeRequest(np.zeros(SAMPLE_RATE, np.float32), min_window_s=31.0)
+    with pytest.raises(ValueError, match=r"min_window_s 31 is longer than the largest window bucket \(30 s\)"):
+        tiny_engine.window_for(request)
+    with pytest.raises(ValueError, match="min_window_s"):
+        tiny_engine.decode([request])
+
+
+def test_an_engine_refuses_prompt_buckets_too_small_for_whisper(engine_config):
+    """EngineConfig refuses them; a config built without validation is refused by the engine."""
+    from jax_realtime.config import EngineConfig
+    from jax_realtime.engine import Engine
+
+    unchecked = EngineConfig.model_construct(**{**engine_config.model_dump(), "prompt_buckets": (8, 64)})
+    with pytest.raises(ValueError, match=r"prompt_buckets: the largest bucket \(64\) must hold this model's "
+                                         r"longest prompt, 226 tokens"):
+        Engine(unchecked)
+
+
+def test_a_prompt_without_a_bucket_fails_its_batch_instead_of_hanging(tiny_engine, monkeypatch):
+    """The engine as it would be with a largest prompt bucket of 8 (what the checks above refuse):
+    a forced prefix of 20 tokens fits no bucket.  The batcher's future fails with the reason
+    within seconds; before, the StopIteration of a ``next()`` pick left it pending forever."""
+    import asyncio
+
+    from jax_realtime.batcher import Batcher, EngineError
+
+    monkeypatch.setattr(tiny_engine, "prompt_buckets", (8,))
+    prefix = tiny_engine.tokenizer.encode(" one two three four five six seven eight nine ten eleven twelve")
+    assert len(prefix) >= 12
+
+    async def main():
+        batcher = Batcher(tiny_engine)
+        loop = asyncio.create_task(batcher.run())
+        try:
+            async with asyncio.timeout(60):
+                with pytest.raises(EngineError, match="does not fit the largest prompt bucket"):
+                    await batcher.submit("a", DecodeRequest(np.zeros(SAMPLE_RATE, np.float32), prefix=prefix))
+        finally:
+            await batcher.close()
+            loop.cancel()
+
+    asyncio.run(main())
+
+
 def test_max_new_tokens_stops_a_request_early(tiny_engine, english_clips):
     clips = english_clips[:3]
     full = tiny_engine.decode([DecodeRequest(a, timestamps=True) for a in clips])
@@ -133,7 +180,7 @@ SHARDING_SCRIPT = textwrap.dedent(
     from jax_realtime.engine import DecodeRequest, Engine
 
     assert jax.device_count() == 4, jax.devices()
-    config = EngineConfig(model="tiny.en", batch_buckets=(4,), window_buckets=(10.0, 30.0), prompt_buckets=(8,))
+    config = EngineConfig(model="tiny.en", batch_buckets=(4,), window_buckets=(10.0, 30.0), prompt_buckets=(8, 232))
     clips = [load_clip(r) for r in load_refs() if r["language"] == "en"][:7]
     requests = [DecodeRequest(a, timestamps=(i % 2 == 1)) for i, a in enumerate(clips)]
     sharded = Engine(config)

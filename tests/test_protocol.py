@@ -23,6 +23,7 @@ from server.protocol import (
     SessionUpdated,
     TranscriptionDelta,
     TranscriptionDone,
+    TranscriptionPartial,
     Usage,
     decode_audio_payload,
     dump,
@@ -227,7 +228,8 @@ def test_extra_keys_are_accepted_and_ignored():
         "type": "session.update", "model": "m", "event_id": "e", "session": {"x": 1}, "temperature": 0.2
     }))
     assert event.model_dump() == {
-        "type": "session.update", "model": "m", "language": None, "prompt": None, "task": "transcribe"
+        "type": "session.update", "model": "m", "language": None, "prompt": None, "task": "transcribe",
+        "partials": False,
     }
     assert parse_client_event('{"type": "input_audio_buffer.clear", "event_id": "e"}') == InputAudioBufferClear()
 
@@ -325,14 +327,20 @@ def test_session_created_id_format_and_time():
 def test_session_updated_json():
     event = SessionUpdated(model="tiny.en", language=None, prompt=None, task="transcribe")
     assert dump(event) == (
-        '{"type":"session.updated","model":"tiny.en","language":null,"prompt":null,"task":"transcribe"}'
+        '{"type":"session.updated","model":"tiny.en","language":null,"prompt":null,"task":"transcribe",'
+        '"partials":false}'
     )
     update = parse_client_event(
-        '{"type":"session.update","model":"m","language":"fr","prompt":"p","task":"translate"}'
+        '{"type":"session.update","model":"m","language":"fr","prompt":"p","task":"translate","partials":true}'
     )
     assert dump(SessionUpdated.from_update(update)) == (
-        '{"type":"session.updated","model":"m","language":"fr","prompt":"p","task":"translate"}'
+        '{"type":"session.updated","model":"m","language":"fr","prompt":"p","task":"translate","partials":true}'
     )
+
+
+def test_transcription_partial_json():
+    assert dump(TranscriptionPartial(text=" the next")) == '{"type":"transcription.partial","text":" the next"}'
+    assert dump(TranscriptionPartial(text="")) == '{"type":"transcription.partial","text":""}'
 
 
 def test_transcription_delta_json():

@@ -1,18 +1,16 @@
 """Streaming accuracy end to end: a real ``jax-realtime serve`` process, clips joined into one stream.
 
-The CI-sized version of ``scripts/eval_realtime.py``: the 8 Hi-Fi TTS clips of tests/data (about
-20 s) joined back to back are streamed as ONE utterance over ``/v1/realtime`` and the ``done``
-text is scored against the joined references, next to the same clips decoded offline, each on
-its own, by an engine with the same configuration (the session's ``tiny_engine``: the test
-buckets, which the server is started with too).
+The CI-sized version of ``scripts/eval_realtime.py``: the English clips of tests/data from three
+corpora (Hi-Fi TTS, LJ Speech, FLEURS: one speaker, another, and a very quiet speaker followed by a
+loud one), interleaved and joined back to back (about 78 s), are streamed as ONE utterance over
+``/v1/realtime`` at 4x real time, and the ``done`` text is scored against the joined references,
+next to the same clips decoded offline, each on its own, by an engine with the same configuration
+(the session's ``tiny_engine``: the test buckets, which the server is started with too).
 
-Tolerance: the goal (``scripts/eval_realtime.py``) is "streaming WER within 1.0 point of
-offline" on the 5-minute set (~800 words), where one word is ~0.13 points.  Here the references
-have ~70 words, so one word is ~1.4 points and a 1.0-point bound would demand exactly as many
-errors as offline.  Streaming legitimately decodes different windows than offline (clip
-boundaries disappear, previous text is the prompt), which flips single words either way, so the
-bound here is 1.0 point or two words, whichever is larger (``MAX_EXTRA_WORDS``).  A policy bug
-(repeated or lost text) costs far more than two words and still fails.
+Tolerance, as the issue on lost passages sets it for this test: stream WER within 2 points of
+offline, and deletions (words of the reference missing from the text) at most offline's plus 3, so
+that no sentence can go missing.  The server must also report no audio that left a window without
+text other than silence (``jax_realtime_untranscribed_audio_seconds_total``).
 
 The client is ``scripts/realtime_client.py`` (``tests/conftest.py`` puts ``scripts/`` on ``sys.path``).
 """
@@ -20,6 +18,7 @@ The client is ``scripts/realtime_client.py`` (``tests/conftest.py`` puts ``scrip
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 
 import numpy as np
 import pytest
@@ -29,25 +28,33 @@ from realtime_client import SAMPLE_RATE, ServerProcess, compilations, stream_aud
 
 pytestmark = pytest.mark.slow
 
-MAX_WER_DIFF = 1.0  # points, as scripts/eval_realtime.py
-MAX_EXTRA_WORDS = 2  # ... or this many words on the ~70 words of the 8 clips (see the module docstring)
+MAX_WER_DIFF = 2.0  # points
+MAX_EXTRA_DELETIONS = 3  # words
 REALTIME_SECONDS = 10.0  # the real-time case streams the longest clips, at least this much audio
+# the stream's order: corpora interleaved, the quiet FLEURS speaker right before the loud one
+ORDER = ["ljspeech-LJ001-0001", "hifitts-6097-astralplane_04_leadbeater_0040", "ljspeech-LJ001-0016",
+         "hifitts-6097-bambatse_06_haggard_0090", "fleurs-en-004", "fleurs-en-005", "ljspeech-LJ001-0030",
+         "hifitts-6097-presentpictureofnsw_02_mann_0083", "hifitts-6097-bambatse_07_haggard_0195",
+         "ljspeech-LJ050-0131", "hifitts-6097-nada_lily_25_haggard_0351", "ljspeech-LJ001-0023",
+         "hifitts-6097-nada_lily_15_haggard_0182", "hifitts-6097-shortstories_05_gaskell_0539",
+         "ljspeech-LJ001-0008", "hifitts-6097-bambatse_13_haggard_0083"]
 
 
 @pytest.fixture(scope="module")
-def hifitts():
-    refs = load_refs("hifitts-")
-    assert len(refs) == 8
+def mixed():
+    by_id = {r["id"]: r for r in load_refs()}
+    assert set(ORDER) == {i for i, r in by_id.items() if r["language"] == "en"}
+    refs = [by_id[i] for i in ORDER]
     return refs, [load_clip(r) for r in refs]
 
 
 @pytest.fixture(scope="module")
-def offline_texts(tiny_engine, hifitts):
+def offline_texts(tiny_engine, mixed):
     """Each clip decoded on its own by the engine the server also runs (same buckets); computed
     before the server starts so the two do not compile at the same time."""
     from jax_realtime.engine import DecodeRequest
 
-    _, clips = hifitts
+    _, clips = mixed
     return [r.text for r in tiny_engine.decode([DecodeRequest(c) for c in clips])]
 
 
@@ -58,7 +65,8 @@ def server(tmp_path_factory, offline_texts):
 
     config = tmp_path_factory.mktemp("realtime") / "test-buckets.toml"
     config.write_text("[engine]\nmodel = \"tiny.en\"\n"
-                      + "".join(f"{key} = {toml_list(value)}\n" for key, value in TEST_BUCKETS.items()))
+                      + "".join(f"{key} = {toml_list(value)}\n" for key, value in TEST_BUCKETS.items())
+                      + "[server]\nadmission_control = false\n")
     with ServerProcess.serve(config, log_path=config.with_suffix(".log")) as process:
         yield process
 
@@ -75,25 +83,44 @@ def _stream(server, audio, speed):
     return record
 
 
-def test_stream_of_joined_clips_matches_offline_accuracy(server, hifitts, offline_texts):
-    from jax_realtime.evaluation import word_errors
+def untranscribed(server) -> dict[str, float]:
+    """The server's audio that left a window without text, by reason (GET /metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-    refs, clips = hifitts
-    audio = np.concatenate(clips)
-    reference = " ".join(r["text"] for r in refs)
-    record = _stream(server, audio, speed=0)  # as fast as the socket takes it (~20 s of audio)
-
-    stream_errors, words = word_errors([reference], [record.done_text])
-    offline_errors, _ = word_errors([reference], [" ".join(offline_texts)])
-    stream_wer, offline_wer = 100.0 * stream_errors / words, 100.0 * offline_errors / words
-    allowed = max(MAX_WER_DIFF, 100.0 * MAX_EXTRA_WORDS / words)
-    assert stream_wer - offline_wer <= allowed, (
-        f"streaming WER {stream_wer:.2f} % vs offline {offline_wer:.2f} % ({words} words, allowed +{allowed:.2f}):\n"
-        f"stream:  {record.done_text}\noffline: {' '.join(offline_texts)}\nref:     {reference}")
+    with urllib.request.urlopen(server.http_url + "/metrics", timeout=10) as response:
+        families = text_string_to_metric_families(response.read().decode())
+        return {s.labels["reason"]: s.value for f in families if f.name == "jax_realtime_untranscribed_audio_seconds"
+                for s in f.samples if s.name.endswith("_total")}
 
 
-def test_delta_arrives_before_final_at_real_time_pace(server, hifitts):
-    _, clips = hifitts
+def test_a_mixed_stream_at_four_times_real_time_loses_no_sentence(server, mixed, offline_texts):
+    import jiwer
+
+    from jax_realtime.evaluation import normalize
+
+    refs, clips = mixed
+    reference = normalize(" ".join(r["text"] for r in refs))
+    before = untranscribed(server)
+    record = _stream(server, np.concatenate(clips), speed=4.0)
+    after = untranscribed(server)
+
+    def measure(text):
+        out = jiwer.process_words(reference, normalize(text))
+        words = out.hits + out.substitutions + out.deletions
+        return 100.0 * (out.substitutions + out.deletions + out.insertions) / words, out.deletions
+
+    stream_wer, stream_deleted = measure(record.done_text)
+    offline_wer, offline_deleted = measure(" ".join(offline_texts))
+    detail = f"\nstream:  {record.done_text}\noffline: {' '.join(offline_texts)}\nref:     {reference}"
+    assert stream_wer - offline_wer <= MAX_WER_DIFF, f"WER {stream_wer:.2f} % vs offline {offline_wer:.2f} %{detail}"
+    assert stream_deleted <= offline_deleted + MAX_EXTRA_DELETIONS, \
+        f"{stream_deleted} words deleted vs {offline_deleted} offline{detail}"
+    lost = {k: v - before.get(k, 0.0) for k, v in after.items() if k != "silence" and v > before.get(k, 0.0)}
+    assert not lost, f"audio left windows without text: {lost}\n{server.log_tail(30)}"
+
+
+def test_delta_arrives_before_final_at_real_time_pace(server, mixed):
+    _, clips = mixed
     picked, total = [], 0.0
     for clip in sorted(clips, key=len, reverse=True):  # the longest clips: fewer boundaries, more speech
         picked.append(clip)

@@ -23,6 +23,7 @@ import functools
 import json
 import re
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +100,9 @@ def write_config(path: Path, **server) -> Path:
 
 
 def start_serve(tmp: Path, name: str, **server) -> ServerProcess:
-    config = write_config(tmp / f"{name}.toml", **server)
+    # admission by measured load is off unless a test turns it on: these servers share two cores
+    # with the test process, and what they test is a fixed max_sessions
+    config = write_config(tmp / f"{name}.toml", **{"admission_control": False, **server})
     proc = ServerProcess.serve(config, name=name, log_path=tmp / f"{name}.log", startup_timeout=STARTUP_TIMEOUT)
     proc.start()
     _STARTED.append(proc)
@@ -117,6 +120,14 @@ def server(tmp_path_factory):
 def tight(tmp_path_factory):
     proc = start_serve(tmp_path_factory.mktemp("tight"), "tight", max_sessions=2, idle_timeout_s=3.0,
                        max_buffer_s=3.0, max_message_bytes=32000)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def crowded(tmp_path_factory):
+    """Admission by measured load, with a capacity deliberately made tiny (one session)."""
+    proc = start_serve(tmp_path_factory.mktemp("crowded"), "crowded", admission_control=True, target_load=0.001)
     yield proc
     proc.stop()
 
@@ -293,6 +304,9 @@ def test_processing_error_for_bad_commit_and_bad_language(check_server):
             assert err["error"].startswith("Invalid input_audio_buffer.commit event: final"), err
             await c.send("session.update", model="tiny.en", language="xx")
             await c.expect_error("processing_error")
+            await c.send("session.update", model="tiny.en", prompt="word " * 1000)  # 5000 characters
+            err = await c.expect_error("processing_error")
+            assert err["error"] == "prompt: at most 4096 characters, not 5000", err
             # extra keys (event_id) are accepted; the session is still validated
             await c.send("input_audio_buffer.commit", event_id="evt_1")
             await c.stream(audio(SHORT))
@@ -355,12 +369,12 @@ def test_session_created_and_updated_fields(check_server):
             # nulls are sent, not omitted; type first
             assert raw.startswith('{"type":"session.updated"'), raw
             assert json.loads(raw) == {"type": "session.updated", "model": "tiny.en", "language": None,
-                                       "prompt": None, "task": "transcribe"}
+                                       "prompt": None, "task": "transcribe", "partials": False}
             assert '"language":null' in raw.replace(" ", "") and '"prompt":null' in raw.replace(" ", "")
             for alias in ("whisper-tiny.en", "openai/whisper-tiny.en"):
                 updated = await c.update(alias, language="en", prompt="Printing.", task="transcribe")
                 assert updated == {"type": "session.updated", "model": alias, "language": "en",
-                                   "prompt": "Printing.", "task": "transcribe"}
+                                   "prompt": "Printing.", "task": "transcribe", "partials": False}
         async with await RealtimeClient.connect(check_server.ws_url) as other:
             assert other.created["id"] != created["id"]
 
@@ -486,6 +500,43 @@ def test_deltas_flow_before_final(check_server):
     run(main())
 
 
+def test_partials_extension_is_opt_in(check_server):
+    """``session.update`` with ``partials: true`` (an extension): after each decoding step a
+    ``transcription.partial`` carries the unstable text beyond the deltas; the last one, before
+    ``done``, is "" (everything is committed).  Deltas and ``done`` are unchanged, and with
+    ``partials: false`` again no partial is sent (``until_done`` fails on any other event)."""
+
+    async def main():
+        async with await RealtimeClient.connect(check_server.ws_url) as c:
+            assert (await c.update("tiny.en", partials=True))["partials"] is True
+            events = []
+
+            async def read():
+                while (event := await c.recv(120))["type"] != "transcription.done":
+                    events.append(event)
+                events.append(event)
+
+            reader = asyncio.create_task(read())
+            await c.commit()
+            await c.stream(audio(MEDIUM), chunk_s=0.1, interval=0.1)  # real-time pace
+            live = list(events)
+            await c.commit(final=True)
+            await asyncio.wait_for(reader, 120)
+            assert {e["type"] for e in events} == {"transcription.delta", "transcription.partial", "transcription.done"}
+            partials = [e for e in events if e["type"] == "transcription.partial"]
+            assert all(set(e) == {"type", "text"} for e in partials), partials
+            assert any(e["type"] == "transcription.partial" and e["text"].strip() for e in live), live
+            assert events[-2] == {"type": "transcription.partial", "text": ""}, events[-3:]
+            deltas = [e["delta"] for e in events if e["type"] == "transcription.delta"]
+            assert_transcribes([MEDIUM], [check_done(deltas, events[-1])], bound=25.0)
+
+            assert (await c.update("tiny.en", partials=False))["partials"] is False
+            deltas, done = await c.transcribe(audio(SHORT))
+            assert_transcribes([SHORT], [check_done(deltas, done)], bound=30.0)
+
+    run(main())
+
+
 def test_disconnect_mid_utterance_frees_the_session(check_server):
     """Two clients vanish mid-utterance (one drops TCP, one closes cleanly) while a third streams
     live: /health's session count drops at once, the batcher queue drains, and the third client's
@@ -580,6 +631,49 @@ def test_server_busy_beyond_max_sessions(check_tight):
         await d.close()
 
     run(main())
+
+
+def test_a_fast_sender_is_paced_not_cut_off(check_tight):
+    """The tight server buffers at most 3 s of undecoded audio.  A client streaming 12 s as fast as
+    the socket takes it is slowed down (the server stops reading), never refused: no buffer_full,
+    and the text covers every clip."""
+    clips = [LONG, MEDIUM, SHORT]
+
+    async def main():
+        async with await session(check_tight) as c:
+            deltas, done = await c.transcribe(b"".join(audio(i) for i in clips), chunk_s=0.1, interval=0.0,
+                                              timeout=240)
+            return check_done(deltas, done)
+
+    text = run(main(), timeout=300)
+    score = wer([" ".join(ref_text(c) for c in clips)], [text])
+    assert score <= 20.0, (score, text)
+
+
+def test_sessions_beyond_the_measured_capacity_are_refused(crowded):
+    """With room for one stream, a second connection gets server_busy and 1013 before any audio,
+    while the admitted session streams on, in time; once it leaves, the next one is admitted."""
+
+    async def main():
+        first = await session(crowded)
+        health = await crowded.ahealth()
+        assert health["capacity"]["sessions_max"] == 1 and health["capacity"]["headroom"] == 0.0, health
+        refused = await RealtimeClient.connect(crowded.ws_url, expect_created=False)
+        await refused.expect_error("server_busy")
+        closed = await refused.closed()
+        assert closed.rcvd is not None and closed.rcvd.code == 1013, closed
+        started = time.monotonic()
+        deltas, done = await first.transcribe(audio(MEDIUM), chunk_s=0.1, interval=0.1, timeout=60)
+        assert time.monotonic() - started < 6.9 + 3.0  # real time, plus little: the admitted one keeps up
+        assert_transcribes([MEDIUM], [check_done(deltas, done)], bound=20.0)
+        await first.close()
+        await crowded.wait_sessions(0)
+        again = await session(crowded)  # the room is free again
+        await again.close()
+
+    run(main(), timeout=120)
+    metrics = urllib.request.urlopen(crowded.http_url + "/metrics", timeout=10).read().decode()
+    assert 'jax_realtime_sessions_refused_total{reason="busy"} 1.0' in metrics
 
 
 def test_idle_timeout_closes_the_socket(check_tight):

@@ -19,7 +19,7 @@ def _config(tmp_path, name="server.toml", buckets=TEST_BUCKETS, cache_dir=None) 
              f"prompt_buckets = {list(buckets['prompt_buckets'])}"]
     if cache_dir is not None:
         lines.append(f'cache_dir = "{cache_dir}"')
-    lines += ["[server]", "drain_timeout_s = 20.0"]
+    lines += ["[server]", "drain_timeout_s = 20.0", "admission_control = false"]
     path = tmp_path / name
     path.write_text("\n".join(lines) + "\n")
     return str(path)
@@ -76,7 +76,7 @@ def test_sigterm_lets_a_running_utterance_finish(tmp_path, how):
 
 def test_restart_with_a_warm_cache_compiles_nothing_new(tmp_path):
     cache = tmp_path / "cache"
-    buckets = dict(batch_buckets=(1,), window_buckets=(30.0,), prompt_buckets=(8,))
+    buckets = dict(batch_buckets=(1,), window_buckets=(30.0,), prompt_buckets=(8, 232))
     config = _config(tmp_path, buckets=buckets, cache_dir=cache)
     with ServerProcess.serve(config, name="cold") as cold:
         first = cold.startup_health["compile"]

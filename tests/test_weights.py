@@ -1,4 +1,4 @@
-"""jax_realtime.weights on real files: CTranslate2 (fp16, split parts, int8), Hugging Face (directory and
+"""jax_realtime.weights on real files: CTranslate2 (fp16, split parts, int8, int16), Hugging Face (directory and
 offline hub snapshot), the conversion cache, and the errors a broken checkpoint raises.
 
 Modified checkpoints are written by the small CTranslate2 writer below from the real tiny.en tensors, so
@@ -291,7 +291,7 @@ def test_int8_engine_transcribes_like_fp16(tmp_path, int8_dir):
     from jax_realtime.config import EngineConfig
     from jax_realtime.engine import DecodeRequest, Engine
 
-    buckets = dict(batch_buckets=(1,), window_buckets=(30.0,), prompt_buckets=(8,), cache_dir=str(tmp_path))
+    buckets = dict(batch_buckets=(1,), window_buckets=(30.0,), prompt_buckets=(8, 232), cache_dir=str(tmp_path))
     refs = [r for r in load_refs("hifitts") if 2.0 <= r["duration_s"] <= 3.0][:2]
     assert refs
     requests = [DecodeRequest(load_clip(r)) for r in refs]
@@ -308,6 +308,121 @@ def test_int8_without_scale_is_an_error(tmp_path, tiny_checkpoint_dir, tiny_ct2)
     directory = ct2_dir(tmp_path / "noscale", tiny_checkpoint_dir, tiny_ct2, variables)
     raises_naming(directory, os.path.join(directory, "model.bin"),
                   "encoder/layer_1/ffn/linear_0/weight_scale")
+
+
+# -- int8 and int16 as CTranslate2's converter writes them ----------------------------------------------
+
+def convert_with_ctranslate2(source_dir: str, output_dir: str, quantization: str) -> str:
+    """tiny.en quantised by CTranslate2's own converter pipeline, offline.
+
+    ``ct2-transformers-converter --quantization Q`` loads the Hugging Face model (with torch, not
+    installed here) into a ``WhisperSpec``, then runs ``Converter.convert``: ``spec.validate()``,
+    ``spec.optimize(quantization=Q)`` (aliasing and ``ModelSpec._quantize``) and ``spec.save()``.
+    Here the same ``Converter.convert`` runs on a ``WhisperSpec`` filled from the shipped float16
+    model.bin, so the quantised file is exactly what the converter writes for these weights
+    (int8: every linear, conv and embedding weight with per-channel scales; int16: one scale per
+    tensor).  tokenizer.json is copied as ``--copy_files tokenizer.json`` would."""
+    from ctranslate2.converters.converter import Converter
+    from ctranslate2.specs import model_spec, whisper_spec
+
+    with open(os.path.join(source_dir, "model.bin"), "rb") as f:
+        parsed = parse_ct2(f.read())
+    variables = dict(parsed["variables"])
+    for alias, target in parsed["aliases"]:
+        variables[alias] = variables[target]
+
+    def layers(side):
+        return len({m.group(1) for n in variables if (m := re.match(side + r"/layer_(\d+)/", n))})
+
+    class FromModelBin(Converter):
+        def _load(self):
+            spec = whisper_spec.WhisperSpec(layers("encoder"), int(variables["encoder/num_heads"]),
+                                            layers("decoder"), int(variables["decoder/num_heads"]))
+            for name, value in variables.items():
+                scope, attr = model_spec._parent_scope(name)
+                setattr(model_spec.index_spec(spec, scope), attr, np.array(value))
+            with open(os.path.join(source_dir, "config.json"), encoding="utf-8") as f:
+                for key, value in json.load(f).items():
+                    setattr(spec.config, key, value)
+            with open(os.path.join(source_dir, "vocabulary.txt"), encoding="utf-8") as f:
+                spec.register_vocabulary(f.read().splitlines())
+            spec.register_file(os.path.join(source_dir, "tokenizer.json"))
+            return spec
+
+    return FromModelBin().convert(output_dir, quantization=quantization)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, tiny_checkpoint_dir) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("ct2-converted")
+    return {q: convert_with_ctranslate2(tiny_checkpoint_dir, str(root / f"tiny-{q}"), q) for q in ("int8", "int16")}
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int16"])
+def test_converter_quantised_checkpoints_load(converted, tiny_ckpt, quantization):
+    """Every weight CTranslate2 quantised (convs and the embedding included) dequantises as
+    CTranslate2 does it (``ops::Dequantize``), within half a quantisation step of the float16 source."""
+    directory = converted[quantization]
+    with open(os.path.join(directory, "model.bin"), "rb") as f:
+        variables = parse_ct2(f.read())["variables"]
+    integer = np.int8 if quantization == "int8" else np.int16
+    quantised = {n: a for n, a in variables.items() if a.dtype == integer and a.ndim >= 2}
+    assert {"encoder/conv1/weight", "encoder/conv2/weight", "decoder/embeddings/weight"} <= set(quantised)
+    assert len(quantised) == 2 + 1 + 4 * 4 + 4 * 7  # convs, embedding, encoder and decoder linears
+    assert variables["encoder/conv2/weight"].shape == (384, 384, 3)
+    expected_scale = (lambda a: (a.shape[0],)) if quantization == "int8" else (lambda a: ())
+    assert all(variables[n + "_scale"].shape == expected_scale(a) for n, a in quantised.items())
+
+    ckpt = load_checkpoint(directory)
+    assert ckpt.dims == TINY_EN_DIMS
+    got, fp16 = flat(ckpt.params), flat(tiny_ckpt.params)
+    assert sorted(got) == sorted(fp16)
+
+    def check(flax_key, ct2_name, to_ct2_layout):
+        q, scale = variables[ct2_name], variables[ct2_name + "_scale"].astype(np.float32)
+        per_row = scale.reshape(-1, *([1] * (q.ndim - 1))) if scale.ndim else scale
+        mine = to_ct2_layout(got[flax_key])
+        np.testing.assert_array_equal(mine, (q.astype(np.float32) / per_row).astype(mine.dtype), err_msg=flax_key)
+        source = to_ct2_layout(fp16[flax_key].astype(np.float32))
+        assert np.all(np.abs(mine - source) <= 0.5 / per_row * (1 + 1e-5) + 1e-7), flax_key
+
+    check("encoder/conv1/kernel", "encoder/conv1/weight", lambda k: k.transpose(2, 1, 0))
+    check("encoder/conv2/kernel", "encoder/conv2/weight", lambda k: k.transpose(2, 1, 0))
+    check("decoder/embed_tokens/embedding", "decoder/embeddings/weight", lambda k: k)
+    check("encoder/layers_2/mlp/fc1/kernel", "encoder/layer_2/ffn/linear_0/weight", lambda k: k.T)
+    check("decoder/layers_3/cross_attn/kv/kernel", "decoder/layer_3/attention/linear_1/weight", lambda k: k.T)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["int8", "int16"])
+def test_converter_quantised_tokens_match_ctranslate2(converted, tmp_path, quantization):
+    """Greedy tokens on every English test clip, ours against CTranslate2's on the same quantised
+    file.  CTranslate2 runs it with compute_type float32, which dequantises the weights on load
+    exactly as our loader does (its int8 compute type would also quantise the activations, a
+    different computation that no float engine reproduces), so the two decode the same numbers."""
+    from conftest import ROOT
+
+    sys_path = str(ROOT / "scripts")
+    import sys
+
+    if sys_path not in sys.path:
+        sys.path.insert(0, sys_path)
+    import compare_reference as cr
+
+    from jax_realtime.config import EngineConfig
+    from jax_realtime.engine import Engine
+
+    clips = [(r["id"], load_clip(r)) for r in load_refs() if r["language"] == "en"]
+    engine = Engine(EngineConfig(model=converted[quantization], batch_buckets=(1, 4), window_buckets=(10.0, 30.0),
+                                 prompt_buckets=(8, 232)))
+    reference = cr.Ct2Reference(converted[quantization])
+    for mode in cr.MODES:
+        report = cr.compare(engine, reference, clips, mode, 30.0)
+        details = "\n".join(f"{m.clip} @{m.position}: ours {m.ours_text!r} / ct2 {m.reference_text!r}"
+                            for m in report.mismatches)
+        assert report.clips == len(clips) >= 10
+        assert report.match >= 0.95, f"{mode}: {report.identical}/{report.clips} identical\n{details}"
+        assert report.max_no_speech_diff < 1e-4
 
 
 # -- Hugging Face ----------------------------------------------------------------------------------------
