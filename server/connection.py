@@ -26,7 +26,7 @@ import numpy as np
 
 from jax_realtime.audio import SAMPLE_RATE, Leveller, pcm16_to_float32
 from jax_realtime.batcher import Busy, EngineError
-from jax_realtime.engine import DecodeRequest
+from jax_realtime.engine import AlignRequest, DecodeRequest
 from jax_realtime.streaming import Utterance
 from jax_realtime.tokenizer import MAX_PROMPT_CHARS
 from jax_realtime.vad import FRAME, THRESHOLD, VADStream
@@ -78,6 +78,10 @@ class RealtimeConnection:
         self._first_delta_latencies: list[float] = []
         self._finish_requested = 0.0
         self._last_audio = time.monotonic()  # arrival of the newest append (delta latency)
+        # the session's audio timeline in samples (kept, levelled, cleared or dropped alike): word
+        # timestamps are stream times from the session's first sample
+        self._timeline = 0
+        self._utterance_offset = 0.0  # the running utterance's first sample on it, in seconds
         self.draining = False  # the service is stopping (see drain())
         self._refused_audio = False
         self._closing = asyncio.Event()  # set once the session should close: its work is done
@@ -256,6 +260,10 @@ class RealtimeConnection:
             tokenizer.sot_sequence(event.language, event.task)  # validates language and task
         except ValueError as exc:
             raise p.ProtocolError(p.PROCESSING_ERROR, str(exc)) from None
+        if event.word_timestamps and not self.service.engine.word_timestamps:
+            raise p.ProtocolError(p.PROCESSING_ERROR, "word_timestamps: word-level timestamps are not enabled on this "
+                                                      "server (start it with --word-timestamps or [engine] "
+                                                      "word_timestamps = true)")
         if event.prompt and len(event.prompt) > MAX_PROMPT_CHARS:
             raise p.ProtocolError(p.PROCESSING_ERROR, f"prompt: at most {MAX_PROMPT_CHARS} characters, "
                                                       f"not {len(event.prompt)}")
@@ -275,6 +283,7 @@ class RealtimeConnection:
                 raise p.ProtocolError(p.SERVER_SHUTDOWN)
             return
         if self.state is State.FINISHING and not self.service.config.stream.keep_audio_after_final:
+            self._timeline += len(samples)
             return  # vLLM drops audio sent after final:true until the utterance is done
         if self.state is not State.STREAMING and self._buffered_samples() + len(samples) > limits.max_buffer_s * SAMPLE_RATE:
             # audio appended before the utterance starts (no commit yet): no decode can take it in
@@ -285,6 +294,7 @@ class RealtimeConnection:
         self.metrics.audio_seconds.labels("realtime").inc(len(samples) / SAMPLE_RATE)
         if self.leveller is not None:
             samples = self.leveller.process(samples)
+        self._timeline += len(samples)
         if self.state is State.STREAMING:
             self._utterance.add_audio(samples)
             self._audio_arrived.set()
@@ -312,14 +322,16 @@ class RealtimeConnection:
         self.state = State.FINISHING
         self._finish_requested = time.monotonic()
         if self.leveller is not None:
-            self._utterance.add_audio(self.leveller.flush())
+            rest = self.leveller.flush()
+            self._timeline += len(rest)
+            self._utterance.add_audio(rest)
         self._utterance.finish()
         self._audio_arrived.set()
 
     def _clear(self) -> None:
         self._queued = []
         if self.leveller is not None:
-            self.leveller.flush()  # the few samples it holds are cleared too
+            self._timeline += len(self.leveller.flush())  # the few samples it holds are cleared too
         if self._utterance is not None and self.state is State.STREAMING:
             self._utterance.drop_pending()
 
@@ -364,7 +376,10 @@ class RealtimeConnection:
 
     def _start_utterance(self) -> None:
         engine = self.service.engine
-        utterance = Utterance(self.service.config.stream, engine.tokenizer, self.prompt_tokens)
+        utterance = Utterance(self.service.config.stream, engine.tokenizer, self.prompt_tokens,
+                              word_timestamps=self.session.word_timestamps)
+        # the utterance's first sample on the session's timeline (the queued audio is its start)
+        self._utterance_offset = (self._timeline - sum(len(chunk) for chunk in self._queued)) / SAMPLE_RATE
         for chunk in self._queued:
             utterance.add_audio(chunk)
         self._queued = []
@@ -374,8 +389,23 @@ class RealtimeConnection:
         self._utterance_task = asyncio.create_task(self._drive(utterance))
         self.service.note_streaming()
 
+    async def _words(self, utterance: Utterance, offset: float, session: p.SessionUpdated,
+                     language: str | None) -> list[p.DeltaWord]:
+        """The ``word_timestamps`` extension: the committed words not sent yet (see
+        ``CommittedWords``), aligned by the engine in the audio they were committed from, as stream
+        times (``offset``: the utterance's start on the session's timeline; ``language``: the
+        session's, else the one the decode detected)."""
+        jobs = utterance.words.jobs()
+        if not jobs:
+            return []
+        aligned = await self.service.batcher.align(
+            [AlignRequest(job.audio, job.tokens, language, session.task) for job in jobs])
+        return [p.DeltaWord(word=w.word.strip(), start=round(offset + w.start, 2), end=round(offset + w.end, 2),
+                            probability=round(w.probability, 4)) for w in utterance.words.take(jobs, aligned)]
+
     async def _drive(self, utterance: Utterance) -> None:
         session = self.session
+        offset = self._utterance_offset
         started = time.monotonic()
         first_delta = True
         reported = 0  # utterance.stretches already looked at
@@ -406,6 +436,9 @@ class RealtimeConnection:
                 self._room.set()
                 delta = utterance.apply(window, result)
                 reported = self._report_stretches(utterance, reported)
+                words = None
+                if utterance.words is not None:
+                    words = await self._words(utterance, offset, session, session.language or result.language)
                 if delta:
                     now = time.monotonic()
                     if first_delta:
@@ -413,7 +446,8 @@ class RealtimeConnection:
                         self.metrics.first_delta.observe(now - started)
                         first_delta = False
                     self.metrics.delta_latency.observe(now - newest_audio)
-                    self.send(p.TranscriptionDelta(delta=delta))
+                if delta or words:
+                    self.send(p.TranscriptionDelta(delta=delta, words=words))
                 if session.partials:  # opt-in extension; sent after every step ("" clears it)
                     self.send(p.TranscriptionPartial(text=utterance.partial))
             usage = p.Usage.from_counts(utterance.last_prompt_tokens, len(utterance.tokens))
