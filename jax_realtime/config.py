@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .audio import CHUNK_LENGTH, TOKENS_PER_SECOND
+from .thresholds import COMPRESSION_RATIO_THRESHOLD, LOGPROB_THRESHOLD, NO_SPEECH_THRESHOLD
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,9 +151,9 @@ class StreamConfig(BaseModel):
     # A step decodes on from the committed text; capping what it may add keeps one session's step
     # from holding a shared batch for long (a step adds a few words; the rest waits for the next).
     max_step_tokens: int = Field(32, ge=4, le=224)
-    no_speech_threshold: float = Field(0.6, ge=0, le=1)
-    logprob_threshold: float = -1.0
-    compression_ratio_threshold: float = Field(2.4, gt=0)
+    no_speech_threshold: float = Field(NO_SPEECH_THRESHOLD, ge=0, le=1)
+    logprob_threshold: float = LOGPROB_THRESHOLD
+    compression_ratio_threshold: float = Field(COMPRESSION_RATIO_THRESHOLD, gt=0)
     silence_keep_s: float = Field(1.0, ge=0)
     # Committed text before the window given as the decoder's prompt (the session's own prompt is
     # always given).  0 by default: a continuation already carries the window's committed text as

@@ -140,6 +140,7 @@ class Utterance:
         self._audio = AudioBuffer()  # audio from the window's start to the newest sample
         self._voiced = AudioBuffer()  # per sample of the window: 1 speech (or not yet heard by the VAD), 0 not
         self._vad_used = False  # a VAD marks speech
+        self._vad_frame = 0  # its frame, in samples
         self._vad_at = 0  # utterance samples handed to the VAD
         self._framed_at = 0  # utterance samples the VAD has given its verdict on
         self._last_speech = 0  # end of the last frame the VAD heard speech in
@@ -221,6 +222,7 @@ class Utterance:
         """The VAD's verdict on consecutive frames of ``frame`` samples from utterance sample
         ``start``.  With speech marked, audio that holds none needs no decode (see :meth:`wants_decode`)."""
         self._vad_used = True
+        self._vad_frame = frame
         for k, speech in enumerate(np.asarray(voiced, bool)):
             a, b = start + k * frame, start + (k + 1) * frame
             self._voiced.fill(a - self._window_start, b - self._window_start, 1.0 if speech else 0.0)
@@ -266,6 +268,18 @@ class Utterance:
         self._decoded_until = self.received_samples
         return True
 
+    def _finish_in_silence(self) -> bool:
+        """Finishing, with the window's text settled and no speech after it that the VAD heard (it
+        heard all the audio but its last partial frame): the utterance ends without another decode,
+        the rest leaving as silence.  (Decoding silence only invites Whisper's "you".)"""
+        if not self._vad_used or self.received_samples - self._framed_at >= self._vad_frame or not self._settled():
+            return False
+        end = self._committed_end()
+        if end:
+            self._cut(len(self._committed), end, "text")
+        self._end("silence")
+        return True
+
     def finish(self) -> None:
         self.finishing = True
         if len(self._audio) == 0:  # nothing left to decode
@@ -284,7 +298,7 @@ class Utterance:
         if self.done:
             return False
         if self.finishing:
-            return True
+            return not self._finish_in_silence()
         min_new = self.settings.step_s if min_new_s is None else min_new_s
         due = len(self._audio) > 0 and (self.pending_samples >= max(1, round(min_new * SAMPLE_RATE))
                                         or (self.pending_samples > 0 and len(self._audio) > self._max_samples))

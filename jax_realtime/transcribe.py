@@ -85,8 +85,8 @@ import numpy as np
 from . import sharding
 from .alignment import SegmentSpan, WordTiming, segment_words
 from .audio import CHUNK_LENGTH, FRAMES_PER_SECOND, HOP_LENGTH, SAMPLE_RATE, AudioError, decode_audio
-from .decoding import COMPRESSION_RATIO_THRESHOLD
 from .engine import DecodeRequest, DecodeResult, Engine
+from .thresholds import COMPRESSION_RATIO_THRESHOLD, LOGPROB_THRESHOLD, NO_SPEECH_THRESHOLD, TEMPERATURES
 
 FRAMES_PER_WINDOW = CHUNK_LENGTH * SAMPLE_RATE // HOP_LENGTH  # 3000 mel frames = 30 s
 STRATEGIES = ("seek", "chunked")
@@ -101,10 +101,10 @@ class TranscribeOptions:
     timestamps: bool = True
     initial_prompt: str | None = None
     condition_on_previous_text: bool = True  # seek only: chunks are decoded independently
-    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    temperatures: tuple[float, ...] = TEMPERATURES
     compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD
-    logprob_threshold: float | None = -1.0
-    no_speech_threshold: float | None = 0.6
+    logprob_threshold: float | None = LOGPROB_THRESHOLD
+    no_speech_threshold: float | None = NO_SPEECH_THRESHOLD
     prompt_reset_on_temperature: float = 0.5
     seed: int = 0
     strategy: str = "seek"  # see the module's docstring

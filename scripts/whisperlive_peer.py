@@ -15,6 +15,9 @@ only ever started as a child process and spoken to over its websocket.
 * ``python scripts/whisperlive_peer.py --python /work/scratch/whisperlive-venv/bin/python
   --clients 1 2 --seconds 60``: start the peer, stream Hi-Fi TTS slices (as bench_realtime.py cuts
   them) with N clients at 1x and print WER and the committed text.
+* ``scripts/bench_realtime.py --peer whisperlive [--full-stream]``: the benchmark runs every row on
+  this peer too (after our server has stopped), scored with the same code as our server's rows;
+  its ``--peer-*`` options map onto :class:`WhisperLiveServer` and :func:`stream_whisperlive`.
 
 The server command (``whisper-live`` 0.10.0 ships no ``run_server.py``; :data:`LAUNCHER` is a copy
 of upstream's ``run_server.py`` flags, run with ``python -c``)::

@@ -32,7 +32,7 @@ from jax_realtime.tokenizer import MAX_PROMPT_CHARS
 from jax_realtime.vad import FRAME, THRESHOLD, VADStream
 
 from . import protocol as p
-from .app import Service
+from .service import Service
 
 log = logging.getLogger("jax_realtime.session")
 
@@ -418,6 +418,11 @@ class RealtimeConnection:
                 if hearing is not None:
                     await hearing.listen()
                 if not utterance.wants_decode(min_new):
+                    # silence may just have left the window without a decode: that makes room too,
+                    # and the reader (_wait_for_room) must hear of it or it never reads again
+                    self._room.set()
+                    if utterance.done:  # it ended in silence, without a decode
+                        continue
                     self._audio_arrived.clear()
                     await self._audio_arrived.wait()
                     continue
@@ -426,6 +431,7 @@ class RealtimeConnection:
                     if hearing is not None:
                         await hearing.listen()
                     if not utterance.wants_decode(min_new):
+                        self._room.set()
                         continue
                 window = utterance.next_window()
                 request = DecodeRequest(window.audio, session.language, session.task, timestamps=True,

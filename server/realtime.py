@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from quart import Blueprint, current_app, websocket
 
-from .app import service_of
+from .service import service_of
 from .auth import choose_subprotocol
 from .connection import RealtimeConnection
 

@@ -53,6 +53,7 @@ from jax_realtime.transcribe import TranscribeOptions, Transcript, transcribe_as
 
 from .errors import BAD_AUDIO, APIError
 from .metrics import CONTENT_TYPE_LATEST
+from .service import LIFECYCLE, service_of
 
 log = logging.getLogger("jax_realtime.rest")
 
@@ -115,8 +116,6 @@ def parse_form(form) -> AudioForm:
 
 
 def _service():
-    from .app import service_of
-
     return service_of(current_app)
 
 
@@ -393,8 +392,6 @@ async def model(model_id: str):
 
 @rest.get("/health")
 async def health():
-    from .app import LIFECYCLE
-
     lifecycle = current_app.extensions[LIFECYCLE]
     service = lifecycle.service
     if service is None:  # the engine is loading and compiling (or failed to, and the server is stopping)
