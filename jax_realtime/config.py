@@ -54,6 +54,7 @@ def default_cache_dir() -> str:
 
 
 DEFAULT_MODEL = "tiny.en"
+MIN_WORD_TOKENS = 229  # word alignment of a full window: <|startoftranscript|> lang task <|notimestamps|> 224 text <|endoftext|>
 
 # Whisper's longest decoder prompt: half the text context (448 // 2 = 224) less one is the most
 # previous text it conditions on (223 tokens), plus <|startofprev|>, plus the start sequence
@@ -76,6 +77,11 @@ class EngineConfig(BaseModel):
       sequence) the decoder prefills in one pass.  The largest must hold Whisper's longest
       prompt, ``MIN_LARGEST_PROMPT_BUCKET``: 223 previous tokens + ``<|startofprev|>`` + 4 = 228
       (a forced prefix of up to 223 tokens after the start sequence fits it too).
+    * ``word_timestamps``: compile word alignment too (``alignment.py``): requests may then ask for
+      word-level timestamps.  Off: nothing more is compiled and requests asking for words fail.
+    * ``word_token_buckets``: lengths of the token sequence word alignment runs on (start sequence,
+      ``<|notimestamps|>``, the window's text, end of text); the largest must hold a full window's
+      text: 224 + 5 = 229.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -95,8 +101,10 @@ class EngineConfig(BaseModel):
     model_parallelism: int = Field(1, ge=1)
     cache_dir: str = Field(default_factory=default_cache_dir)
     compilation_cache: bool = True
+    word_timestamps: bool = False
+    word_token_buckets: tuple[int, ...] = (64, 232)
 
-    @field_validator("batch_buckets", "prompt_buckets")
+    @field_validator("batch_buckets", "prompt_buckets", "word_token_buckets")
     @classmethod
     def _positive_sorted(cls, value: tuple[int, ...]) -> tuple[int, ...]:
         if not value:
@@ -125,6 +133,8 @@ class EngineConfig(BaseModel):
                 f"prompt_buckets: the largest bucket ({max(self.prompt_buckets)}) must hold Whisper's longest prompt, "
                 f"{MIN_LARGEST_PROMPT_BUCKET} tokens (223 of previous text + <|startofprev|> + the 4-token start "
                 f"sequence); add a bucket of at least {MIN_LARGEST_PROMPT_BUCKET}, e.g. 232")
+        if max(self.word_token_buckets) < MIN_WORD_TOKENS:
+            raise ValueError(f"the largest word_token_bucket must hold a full window's text ({MIN_WORD_TOKENS})")
         return self
 
 
