@@ -424,6 +424,8 @@ class RealtimeConnection:
         tail = self.input.flush()
         if self.leveller is not None:
             tail = np.concatenate([self.leveller.process(tail), self.leveller.flush()])
+            # the next stretch is levelled afresh: an utterance's audio does not depend on the last one's
+            self.leveller = Leveller()
         return tail
 
     def _buffered_samples(self) -> int:
