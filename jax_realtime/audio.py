@@ -291,8 +291,11 @@ class Leveller:
     the first words of a quiet speaker right after a loud one must not stay quiet.  The gain brings
     the envelope to ``target_db``, between ``min_gain_db`` and ``max_gain_db``: loud speech is turned
     down as quiet speech is turned up, so that the two meet (Whisper still skips a passage 15 dB
-    below its neighbour in the same window).  The gain moves linearly across each frame.  Causal: a sample's gain depends on
-    what came before it only, so audio already decoded never changes.  Samples are clipped to [-1, 1].
+    below its neighbour in the same window).  A louder frame gets its lower gain from its first
+    sample (an onset is never boosted by the gain of the pause before it), a rising gain ramps across
+    the frame, and no frame is given more gain than takes its peak to -1 dBFS (no clipping).
+    Causal: a sample's gain depends on its own 20 ms frame and what came before it only, and a frame
+    is output once, whole, so audio already decoded never changes.
     """
 
     FRAME = 320  # 20 ms at 16 kHz
@@ -335,8 +338,16 @@ class Leveller:
             env = max(env, floor)
             self._envelope = env
             gains[k + 1] = min(self.max_gain_db, max(self.min_gain_db, self.target_db - env))
+        # Never more gain than takes a frame's peak to full scale (less 1 dB): no clipping.
+        peaks = np.abs(frames).max(axis=1)
+        safe = -20.0 * np.log10(np.maximum(peaks, 1e-9)) - 1.0
+        gains[1:] = np.minimum(gains[1:], safe)
         self._gain_db = float(gains[-1])
-        ramp = gains[:-1, None] + (gains[1:] - gains[:-1])[:, None] * (np.arange(self.FRAME) / self.FRAME)
+        # Attack at once: a frame louder than what came before gets its own (lower) gain from its first
+        # sample, not a ramp down from the previous frame's gain (which would boost an onset); a
+        # release ramps up across the frame.
+        start = np.minimum(gains[:-1], gains[1:])
+        ramp = start[:, None] + (gains[1:] - start)[:, None] * (np.arange(self.FRAME) / self.FRAME)
         out = frames * np.power(10.0, ramp / 20.0)
         return np.clip(out.reshape(-1), -1.0, 1.0).astype(np.float32)
 

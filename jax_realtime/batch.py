@@ -143,9 +143,10 @@ def _write_atomic(path: str, text: str) -> None:
         raise
 
 
-def write_outputs(out_dir: str, item: Input, transcript, extensions: list[str], task: str) -> None:
+def write_outputs(out_dir: str, item: Input, transcript, extensions: list[str], task: str,
+                  word_cues: bool = False) -> None:
     for ext, path in zip(extensions, outputs(out_dir, item, extensions)):
-        _write_atomic(path, formats.render(transcript, OUTPUT_FORMATS[ext], task))
+        _write_atomic(path, formats.render(transcript, OUTPUT_FORMATS[ext], task, word_cues))
 
 
 def _previous_result(out_dir: str, item: Input) -> dict:
@@ -235,9 +236,11 @@ class BatchReport:
 
 
 def run(engine, items: list[Input], out_dir: str, options, extensions: list[str] | None = None,
-        overwrite: bool = False, max_rows: int | None = None, progress: bool = True) -> BatchReport:
+        overwrite: bool = False, max_rows: int | None = None, progress: bool = True,
+        word_cues: bool = False) -> BatchReport:
     """Transcribe ``items`` into ``out_dir`` (see the module's docstring); the report counts every
-    process's inputs.  Under ``jax.distributed`` every process calls this with the same ``items``."""
+    process's inputs.  Under ``jax.distributed`` every process calls this with the same ``items``.
+    ``word_cues``: SRT/WebVTT with a cue per word (needs ``options.word_timestamps``)."""
     from .transcribe import default_rows, run_jobs
 
     extensions = list(extensions or OUTPUT_FORMATS)
@@ -291,7 +294,7 @@ def run(engine, items: list[Input], out_dir: str, options, extensions: list[str]
                 bar.write(f"error: {error}")
             else:
                 try:
-                    write_outputs(out_dir, item, transcript, extensions, options.task)
+                    write_outputs(out_dir, item, transcript, extensions, options.task, word_cues)
                 except OSError as exc:
                     entry.update(status="failed", error=f"{item.path}: cannot write outputs ({exc})")
                     report.failed += 1

@@ -16,12 +16,20 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="tiny.en (default, bundled), base, a checkpoint directory or a hub id")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype")
     parser.add_argument("--cache-dir", help="converted weights and compiled programs (default ~/.cache/jax-realtime)")
+    parser.add_argument("--word-timestamps", action="store_true", default=None,
+                        help="word-level timestamps (compiles word alignment: [engine] word_timestamps = true); "
+                             "serve: REST timestamp_granularities[]=word")
 
 
 def config_from_args(args, **server):
     from .config import load_config
 
-    return load_config(args.config, server=server, model=args.model, dtype=args.dtype, cache_dir=args.cache_dir)
+    return load_config(args.config, server=server, model=args.model, dtype=args.dtype, cache_dir=args.cache_dir,
+                       word_timestamps=_word_timestamps(args) or None)
+
+
+def _word_timestamps(args) -> bool:
+    return bool(getattr(args, "word_timestamps", None)) or getattr(args, "cues", "segment") == "word"
 
 
 def _engine(args):
@@ -34,7 +42,8 @@ def _options(args):
     from .transcribe import TranscribeOptions
 
     batch = args.output_dir is not None  # srt and vtt need timestamps
-    return TranscribeOptions(args.language, args.task, args.timestamps or batch, args.prompt, strategy=args.strategy)
+    return TranscribeOptions(args.language, args.task, args.timestamps or batch, args.prompt, strategy=args.strategy,
+                             word_timestamps=_word_timestamps(args))
 
 
 def cmd_transcribe(args) -> int:
@@ -80,7 +89,10 @@ def cmd_transcribe(args) -> int:
     else:
         for obj in objects:
             prefix = f"{obj['file']}: " if several else ""
-            if args.timestamps:
+            if "words" in obj:
+                for w in obj["words"]:
+                    print(f"{prefix}[{w['start']:6.2f} -> {w['end']:6.2f}] {w['word']}")
+            elif args.timestamps:
                 for s in obj["segments"]:
                     print(f"{prefix}[{s['start']:6.2f} -> {s['end']:6.2f}] {s['text']}")
             else:
@@ -101,7 +113,7 @@ def _transcribe_to_files(args, items) -> int:
     options = _options(args)
     check_options(engine, options)
     report = batch.run(engine, items, args.output_dir, options, extensions, overwrite=args.overwrite,
-                       max_rows=args.rows, progress=not args.no_progress)
+                       max_rows=args.rows, progress=not args.no_progress, word_cues=args.cues == "word")
     from .sharding import process_index
 
     if process_index() == 0:
@@ -138,6 +150,8 @@ def add_transcribe_arguments(t: argparse.ArgumentParser, output_dir_required: bo
     t.add_argument("-o", "--output-dir", required=output_dir_required,
                    help="write NAME.txt/.json/.srt/.vtt per input and summary.jsonl here; resumable")
     t.add_argument("--formats", default="txt,json,srt,vtt", help="with --output-dir: the files to write")
+    t.add_argument("--cues", choices=["segment", "word"], default="segment",
+                   help="with --output-dir: SRT/WebVTT cues per segment or per word (word implies --word-timestamps)")
     t.add_argument("--overwrite", action="store_true", help="with --output-dir: redo inputs whose outputs exist")
     t.add_argument("--rows", type=_positive, help="windows decoded per round (default: 2x the largest batch bucket)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .audio import CHUNK_LENGTH, TOKENS_PER_SECOND
+from .thresholds import COMPRESSION_RATIO_THRESHOLD, LOGPROB_THRESHOLD, NO_SPEECH_THRESHOLD
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,7 @@ def default_cache_dir() -> str:
 
 
 DEFAULT_MODEL = "tiny.en"
+MIN_WORD_TOKENS = 229  # word alignment of a full window: <|startoftranscript|> lang task <|notimestamps|> 224 text <|endoftext|>
 
 # Whisper's longest decoder prompt: half the text context (448 // 2 = 224) less one is the most
 # previous text it conditions on (223 tokens), plus <|startofprev|>, plus the start sequence
@@ -75,6 +77,11 @@ class EngineConfig(BaseModel):
       sequence) the decoder prefills in one pass.  The largest must hold Whisper's longest
       prompt, ``MIN_LARGEST_PROMPT_BUCKET``: 223 previous tokens + ``<|startofprev|>`` + 4 = 228
       (a forced prefix of up to 223 tokens after the start sequence fits it too).
+    * ``word_timestamps``: compile word alignment too (``alignment.py``): requests may then ask for
+      word-level timestamps.  Off: nothing more is compiled and requests asking for words fail.
+    * ``word_token_buckets``: lengths of the token sequence word alignment runs on (start sequence,
+      ``<|notimestamps|>``, the window's text, end of text); the largest must hold a full window's
+      text: 224 + 5 = 229.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -94,8 +101,10 @@ class EngineConfig(BaseModel):
     model_parallelism: int = Field(1, ge=1)
     cache_dir: str = Field(default_factory=default_cache_dir)
     compilation_cache: bool = True
+    word_timestamps: bool = False
+    word_token_buckets: tuple[int, ...] = (64, 232)
 
-    @field_validator("batch_buckets", "prompt_buckets")
+    @field_validator("batch_buckets", "prompt_buckets", "word_token_buckets")
     @classmethod
     def _positive_sorted(cls, value: tuple[int, ...]) -> tuple[int, ...]:
         if not value:
@@ -124,6 +133,8 @@ class EngineConfig(BaseModel):
                 f"prompt_buckets: the largest bucket ({max(self.prompt_buckets)}) must hold Whisper's longest prompt, "
                 f"{MIN_LARGEST_PROMPT_BUCKET} tokens (223 of previous text + <|startofprev|> + the 4-token start "
                 f"sequence); add a bucket of at least {MIN_LARGEST_PROMPT_BUCKET}, e.g. 232")
+        if max(self.word_token_buckets) < MIN_WORD_TOKENS:
+            raise ValueError(f"the largest word_token_bucket must hold a full window's text ({MIN_WORD_TOKENS})")
         return self
 
 
@@ -140,9 +151,9 @@ class StreamConfig(BaseModel):
     # A step decodes on from the committed text; capping what it may add keeps one session's step
     # from holding a shared batch for long (a step adds a few words; the rest waits for the next).
     max_step_tokens: int = Field(32, ge=4, le=224)
-    no_speech_threshold: float = Field(0.6, ge=0, le=1)
-    logprob_threshold: float = -1.0
-    compression_ratio_threshold: float = Field(2.4, gt=0)
+    no_speech_threshold: float = Field(NO_SPEECH_THRESHOLD, ge=0, le=1)
+    logprob_threshold: float = LOGPROB_THRESHOLD
+    compression_ratio_threshold: float = Field(COMPRESSION_RATIO_THRESHOLD, gt=0)
     silence_keep_s: float = Field(1.0, ge=0)
     # Committed text before the window given as the decoder's prompt (the session's own prompt is
     # always given).  0 by default: a continuation already carries the window's committed text as

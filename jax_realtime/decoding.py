@@ -24,14 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from .audio import TIME_PRECISION
+from .thresholds import COMPRESSION_RATIO_THRESHOLD, MAX_TOKENS_PER_SECOND, TOKEN_SLACK  # noqa: F401 (re-exported)
 from .tokenizer import WhisperTokenizer
 
 MAX_INITIAL_TIMESTAMP = 1.0  # seconds (index 50)
-COMPRESSION_RATIO_THRESHOLD = 2.4  # gzip ratio above which Whisper treats output as repetitive
-# No speech is faster than this: more text tokens than MAX_TOKENS_PER_SECOND per second of audio
-# plus TOKEN_SLACK is Whisper looping on a clause (measured in docs, "Shorter encoder windows").
-MAX_TOKENS_PER_SECOND = 6.0
-TOKEN_SLACK = 4
 
 
 def too_dense(n_text: int, seconds: float) -> bool:

@@ -16,11 +16,21 @@ The processes agree on the sequence of compiled calls (window, batch and prompt 
 small all-gather before each, pad their missing rows, contribute their rows of the global batch,
 and get back their own results.  The code path is the same on one process, where agreeing needs
 no communication; every process must call ``decode`` the same number of times.
+
+Word-level timestamps (``EngineConfig.word_timestamps``; the method is in ``alignment.py``): two
+more compiled functions per bucket ``(batch, window seconds, alignment token length)``, compiled at
+warm-up only when enabled.  ``_align_bucket`` takes a batch's cross-attention keys/values, runs
+the decoder once over each row's text for the alignment heads' cross-attention, and the DTW, all
+on the device.  A decode whose requests ask for words (``DecodeRequest.word_timestamps``) keeps
+its keys/values on the device (the decode function then returns them too) and hands them
+straight to ``_align_bucket``: no second encoder pass.  :meth:`Engine.align` aligns given tokens
+to given audio (a realtime session's committed text); it encodes with ``_encode_bucket`` first.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -33,8 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import sharding
-from .audio import CHUNK_LENGTH, SAMPLE_RATE, log_mel_spectrogram, window_samples
+from . import alignment, sharding
+from .alignment import WindowWords
+from .audio import CHUNK_LENGTH, HOP_LENGTH, SAMPLE_RATE, TOKENS_PER_SECOND, log_mel_spectrogram, window_samples
 from .config import EngineConfig
 from .decoding import (
     COMPRESSION_RATIO_THRESHOLD,
@@ -113,6 +124,7 @@ class DecodeRequest:
     temperature: float = 0.0  # 0: greedy; above: sample from softmax(logits / temperature)
     seed: int = 0  # for sampling: the same request, seed and temperature give the same output
     min_window_s: float = 0.0  # decode in a window at least this long (fallback from short windows)
+    word_timestamps: bool = False  # also align the output's words (needs EngineConfig.word_timestamps)
 
 
 @dataclasses.dataclass
@@ -132,6 +144,29 @@ class DecodeResult:
     temperature: float
     segments: list[Segment]  # timestamp mode: the window's segments; else one segment
     seek_s: float  # timestamp mode: where the next window should start
+    # word_timestamps: the words of the complete segments (window-relative; alignment.segment_words
+    # hands them to segments)
+    words: WindowWords | None = None
+
+
+@dataclasses.dataclass
+class AlignRequest:
+    """Words of given tokens in given audio (:meth:`Engine.align`): a window's audio (at most 30 s)
+    and its text, e.g. a realtime session's committed tokens (a decode's prefix + sampled tokens).
+    Timestamp and special tokens are dropped; the previous-text prompt is not part of alignment."""
+
+    audio: np.ndarray
+    tokens: Sequence[int]
+    language: str | None = None  # None: English (English-only models); multilingual models need one
+    task: str = "transcribe"
+    min_window_s: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class AlignBucket:
+    batch: int
+    window_s: float
+    tokens: int  # the alignment sequence's length (start sequence, <|notimestamps|>, text, end of text)
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -149,6 +184,15 @@ class _Prepared:
     sot_index: int
     language_index: int  # -1 when the model has no language slot
     window_s: float
+
+
+@dataclasses.dataclass
+class _AlignJob:
+    tokens: list[int]  # text tokens
+    language: str
+    task: str
+    samples: int  # audio samples in the window
+    audio: np.ndarray  # the window's audio (its pauses)
 
 
 def looks_degenerate(result: DecodeResult) -> bool:
@@ -209,38 +253,85 @@ class Engine:
         self._compile_lock = threading.Lock()
         batch_spec = sharding.batch_sharded(self.mesh)
         param_spec = jax.tree_util.tree_map(lambda x: x.sharding, self.weights)
+        # with word timestamps on, the decode function also returns the cross-attention keys/values
+        # (left on the device) for the alignment of the same batch
+        self.word_timestamps = self.config.word_timestamps
         self._jitted = jax.jit(
-            self._run_bucket,
+            functools.partial(self._run_bucket, keep_cross=self.word_timestamps),
             in_shardings=(param_spec,) + (batch_spec,) * 10,
             out_shardings=batch_spec,
         )
+        self.alignment_heads, self.alignment_heads_source = alignment.alignment_heads(
+            self.name, os.path.dirname(ckpt.tokenizer_file), self.dims.n_text_layer, self.dims.n_text_head)
+        self.sot_length = len(self.tokenizer.sot_sequence("en" if self.dims.multilingual else None, "transcribe"))
+        self.word_token_buckets = self.config.word_token_buckets
+        self._align_executables: dict[AlignBucket, jax.stages.Compiled] = {}
+        self._encode_executables: dict[tuple[int, float], jax.stages.Compiled] = {}
+        if self.word_timestamps:
+            self._align_jitted = jax.jit(self._align_bucket, in_shardings=(param_spec,) + (batch_spec,) * 4,
+                                         out_shardings=batch_spec)
+            self._encode_jitted = jax.jit(self._encode_bucket, in_shardings=(param_spec, batch_spec),
+                                          out_shardings=batch_spec)
 
     # -- buckets ---------------------------------------------------------------------------------
     @property
     def buckets(self) -> list[Bucket]:
         return [Bucket(b, w, p) for b, w, p in itertools.product(self.batch_buckets, self.window_buckets, self.prompt_buckets)]
 
+    @property
+    def align_buckets(self) -> list[AlignBucket]:
+        """The word alignment buckets (none unless ``word_timestamps`` is on)."""
+        if not self.word_timestamps:
+            return []
+        return [AlignBucket(b, w, t) for b, w, t in
+                itertools.product(self.batch_buckets, self.window_buckets, self.word_token_buckets)]
+
     def warmup(self, buckets: Sequence[Bucket] | None = None) -> float:
         """Compile every bucket, or only ``buckets`` (from the persistent cache where possible);
-        returns seconds.  A bucket not compiled here is compiled when a call first needs it."""
+        returns seconds.  A bucket not compiled here is compiled when a call first needs it.  With
+        word timestamps on, the alignment buckets of the same batch sizes and windows too."""
         started = time.perf_counter()
         for bucket in self.buckets if buckets is None else buckets:
             self._executable(bucket)
+        shapes = None if buckets is None else {(b.batch, b.window_s) for b in buckets}
+        for bucket in self.align_buckets:
+            if shapes is not None and (bucket.batch, bucket.window_s) not in shapes:
+                continue
+            self._align_executable(bucket)
+            self._encode_executable(bucket.batch, bucket.window_s)
         return time.perf_counter() - started
 
-    def _executable(self, bucket: Bucket):
+    def _compile(self, jitted, what, cache: dict, key, *args):
         with self._compile_lock:
-            if bucket not in self._executables:
+            if key not in cache:
                 started = time.perf_counter()
-                args = [jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharded(self.mesh))
-                        for shape, dtype in self._arg_shapes(bucket)]
                 # float32 means float32 on every backend: GPUs would otherwise use TF32 and TPUs
                 # bfloat16 passes for float32 matrix products (CPUs compute float32 either way)
                 precision = "highest" if self.dtype == jnp.float32 else "default"
                 with jax.default_matmul_precision(precision):
-                    self._executables[bucket] = self._jitted.lower(self.weights, *args).compile()
-                log.info("compiled %s in %.1f s", bucket, time.perf_counter() - started)
-            return self._executables[bucket]
+                    cache[key] = jitted.lower(self.weights, *args).compile()
+                log.info("compiled %s %s in %.1f s", what, key, time.perf_counter() - started)
+            return cache[key]
+
+    def _batch_args(self, shapes):
+        return [jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharded(self.mesh)) for shape, dtype in shapes]
+
+    def _executable(self, bucket: Bucket):
+        return self._compile(self._jitted, "decode", self._executables, bucket,
+                             *self._batch_args(self._arg_shapes(bucket)))
+
+    def _align_executable(self, bucket: AlignBucket):
+        b, t = bucket.batch, bucket.tokens
+        heads = self.dims.n_text_head
+        kv = ((b, heads, round(bucket.window_s * TOKENS_PER_SECOND), self.dims.n_text_state // heads), self.dtype)
+        cross = tuple(tuple(self._batch_args([kv, kv])) for _ in range(self.dims.n_text_layer))
+        args = self._batch_args([((b, t), jnp.int32), ((b,), jnp.int32), ((b,), jnp.int32)])
+        return self._compile(self._align_jitted, "alignment", self._align_executables, bucket, cross, *args)
+
+    def _encode_executable(self, batch: int, window_s: float):
+        shapes = [((batch, window_samples(window_s)), jnp.float32)]
+        return self._compile(self._encode_jitted, "encoder", self._encode_executables, (batch, window_s),
+                             *self._batch_args(shapes))
 
     def _arg_shapes(self, bucket: Bucket):
         b, p = bucket.batch, bucket.prompt_len
@@ -258,21 +349,27 @@ class Engine:
         ]
 
     # -- the compiled function -------------------------------------------------------------------
+    def _encode(self, weights, audio):
+        """log-mel and encoder of a batch of windows: the audio features [B, W·50, d]."""
+        variables = {"params": weights["params"]}
+
+        def encode(rows):
+            return self.model.apply(variables, log_mel_spectrogram(rows, self.dims.n_mels), method=Whisper.encode)
+
+        if self.encoder_rows and self.encoder_rows < audio.shape[0]:
+            features = jax.lax.map(lambda row: encode(row[None])[0], audio, batch_size=self.encoder_rows)
+        else:
+            features = encode(audio)
+        return sharding.constrain_batch(features, self.mesh)
+
     def _run_bucket(self, weights, audio, prompt, start, sot_index, language_index, timestamps, max_new, history,
-                    temperature, seed):
+                    temperature, seed, keep_cross=False):
         model, ids = self.model, self.ids
         variables, projection = {"params": weights["params"]}, weights["projection"]
         batch, prompt_len = prompt.shape
         rows = jnp.arange(batch)
 
-        def encode(rows):
-            return model.apply(variables, log_mel_spectrogram(rows, self.dims.n_mels), method=Whisper.encode)
-
-        if self.encoder_rows and self.encoder_rows < batch:
-            features = jax.lax.map(lambda row: encode(row[None])[0], audio, batch_size=self.encoder_rows)
-        else:
-            features = encode(audio)
-        audio_features = sharding.constrain_batch(features, self.mesh)
+        audio_features = self._encode(weights, audio)
         cross = model.apply(variables, audio_features, method=Whisper.cross_kv)
 
         if ids.language_ids:  # multilingual: fill an empty language slot with the detected language
@@ -313,12 +410,64 @@ class Engine:
             return s._replace(logits=logits, cache=cache)
 
         final = jax.lax.while_loop(cond, body, state)
-        return {
+        out = {
             "tokens": final.tokens,
             "sum_logprob": final.sum_logprob,
             "no_speech_prob": no_speech_prob,
             "language": language,
         }
+        if keep_cross:
+            out["cross"] = cross
+        return out
+
+    def _encode_bucket(self, weights, audio):
+        """The cross-attention keys/values of a batch of windows (for :meth:`align`)."""
+        return self.model.apply({"params": weights["params"]}, self._encode(weights, audio), method=Whisper.cross_kv)
+
+    def _align_bucket(self, weights, cross, tokens, n_tokens, n_frames):
+        """Word alignment of a batch (see ``alignment.py``).  ``cross``: the windows' cross-attention
+        keys/values; ``tokens`` [B, S]: per row the start sequence, ``<|notimestamps|>``, the text and
+        end of text, then padding; ``n_tokens`` its real length, ``n_frames`` the real audio
+        positions (of the window's T).  Returns per row the first audio position of each DTW row
+        (``<|notimestamps|>`` and the text tokens) and each text token's probability (softmax over
+        the text vocabulary, as CTranslate2's ``align``)."""
+        model = self.model
+        variables = {"params": weights["params"]}
+        hidden, scores = model.apply(variables, tokens, cross, self.alignment_heads, method=Whisper.alignment_pass)
+        sot, rows = self.sot_length, tokens.shape[1] - self.sot_length - 1
+        n_text = n_tokens - sot - 2
+        # position p predicts token p + 1: positions sot .. sot + rows - 2 predict the text tokens
+        probs = self._text_probabilities(variables, hidden[:, sot:sot + rows - 1], weights["projection"],
+                                         tokens[:, sot + 1:sot + rows], n_text)
+        matrix = alignment.attention_matrix(scores, n_tokens, n_frames)[:, sot:sot + rows]
+        first = alignment.dtw_first_positions(matrix, n_text + 1, n_frames)
+        return {"first": first, "probs": probs}
+
+    PROBABILITY_CHUNK = 16  # positions per output projection in _text_probabilities
+
+    def _text_probabilities(self, variables, hidden, projection, targets, n_text):
+        """Each target's probability under a softmax over the text vocabulary (below end of text).
+
+        The output projection (vocabulary x positions: most of alignment's cost) runs on chunks of
+        16 positions in a loop that stops after the batch's longest real text, so a token bucket
+        longer than the text costs little here."""
+        batch, length, _ = hidden.shape
+        chunk = self.PROBABILITY_CHUNK
+        padded = -(-length // chunk) * chunk
+        hidden = jnp.pad(hidden, ((0, 0), (0, padded - length), (0, 0)))
+        targets = jnp.pad(jnp.clip(targets, 0, self.ids.eot - 1), ((0, 0), (0, padded - length)))
+        text_projection = projection[:, :self.ids.eot]
+
+        def body(c, probs):
+            h = jax.lax.dynamic_slice_in_dim(hidden, c * chunk, chunk, axis=1)
+            t = jax.lax.dynamic_slice_in_dim(targets, c * chunk, chunk, axis=1)
+            logits = self.model.apply(variables, h, text_projection, method=Whisper.logits)
+            logprobs = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+            return jax.lax.dynamic_update_slice_in_dim(probs, jnp.exp(logprobs), c * chunk, axis=1)
+
+        n_chunks = (jnp.max(n_text) + chunk - 1) // chunk
+        probs = jax.lax.fori_loop(0, n_chunks, body, jnp.zeros((batch, padded), jnp.float32))
+        return probs[:, :length]
 
     # -- host side -------------------------------------------------------------------------------
     def window_for(self, request: DecodeRequest) -> float:
@@ -338,6 +487,8 @@ class Engine:
 
     def _prepare(self, request: DecodeRequest) -> _Prepared:
         window = self.window_for(request)
+        if request.word_timestamps and not self.word_timestamps:
+            raise ValueError("word timestamps are not enabled on this engine (EngineConfig.word_timestamps)")
         if request.max_new_tokens is not None and request.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, not {request.max_new_tokens}")
         if not 0.0 <= request.temperature <= MAX_TEMPERATURE:
@@ -447,8 +598,102 @@ class Engine:
         executable = self._executable(bucket)
         args = sharding.put_batch([audio, prompt, start, sot_index, language_index, timestamps, max_new, history,
                                    temperature, seed], self.mesh, global_size)
-        out = {key: sharding.local_rows(value) for key, value in executable(self.weights, *args).items()}
-        return [self._result(p, out, row, int(max_new[row])) for row, p in enumerate(batch)]
+        outputs = executable(self.weights, *args)
+        cross = outputs.pop("cross", None)  # word timestamps on: stays on the device
+        out = {key: sharding.local_rows(value) for key, value in outputs.items()}
+        results = [self._result(p, out, row, int(max_new[row])) for row, p in enumerate(batch)]
+        if cross is not None and sharding.any_process(any(p.request.word_timestamps for p in batch)):
+            jobs = [_AlignJob(self._aligned_text(r), r.language, p.request.task, len(p.request.audio),
+                              np.asarray(p.request.audio)) if p.request.word_timestamps else None
+                    for p, r in zip(batch, results)]
+            for result, words in zip(results, self._align_batch(jobs, cross, global_size, window)):
+                result.words = words
+        return results
+
+    # -- word alignment ----------------------------------------------------------------------------
+    @staticmethod
+    def _aligned_text(result: DecodeResult) -> list[int]:
+        """The text tokens Whisper aligns: those of the complete segments (in timestamp mode the text
+        after the last timestamp pair is decoded again from there, so it is left out)."""
+        return [t for s in result.segments if s.complete for t in s.tokens]
+
+    def _alignment_sequence(self, job: "_AlignJob") -> list[int]:
+        return (self.tokenizer.sot_sequence(job.language if self.dims.multilingual else None, job.task)
+                + [self.tokenizer.no_timestamps] + job.tokens + [self.tokenizer.eot])
+
+    def _align_batch(self, jobs: list["_AlignJob | None"], cross, global_size: int,
+                     window: float) -> list[WindowWords | None]:
+        """One compiled alignment call on a batch's cross-attention keys/values (rows without a job
+        are padding)."""
+        sequences = [None if job is None else self._alignment_sequence(job) for job in jobs]
+        longest = max((len(s) for s in sequences if s is not None), default=0)
+        needed = next(i for i, t in enumerate(self.word_token_buckets) if t >= longest)
+        length = self.word_token_buckets[int(sharding.gather([needed]).max())]
+        size = sharding.local_batch(self.mesh, global_size)
+        positions = round(window * TOKENS_PER_SECOND)
+        tokens = np.full((size, length), self.ids.eot, np.int32)
+        n_tokens = np.full((size,), self.sot_length + 2, np.int32)  # padding: one DTW row, one position
+        n_frames = np.ones((size,), np.int32)
+        for row, (job, sequence) in enumerate(zip(jobs, sequences)):
+            if job is not None:
+                tokens[row, :len(sequence)] = sequence
+                n_tokens[row] = len(sequence)
+                n_frames[row] = min(max(job.samples // HOP_LENGTH // 2, 1), positions)
+        executable = self._align_executable(AlignBucket(global_size, window, length))
+        args = sharding.put_batch([tokens, n_tokens, n_frames], self.mesh, global_size)
+        out = {key: sharding.local_rows(value) for key, value in executable(self.weights, cross, *args).items()}
+        words: list[WindowWords | None] = []
+        for row, job in enumerate(jobs):
+            if job is None:
+                words.append(None)
+            elif not job.tokens or job.samples // HOP_LENGTH // 2 == 0:  # nothing to align, or no audio
+                words.append(WindowWords([], 0.0, 0.0))
+            else:
+                n_text = len(job.tokens)
+                timings = alignment.find_words(self.tokenizer, job.tokens, out["first"][row][:n_text + 1],
+                                               out["probs"][row][:n_text], job.language)
+                words.append(alignment.window_words(timings, alignment.silent_runs(job.audio)))
+        return words
+
+    def align(self, requests: Sequence[AlignRequest]) -> list[WindowWords]:
+        """Word timestamps of given text in given audio, one :class:`AlignRequest` per window (the
+        realtime path: a session's committed tokens).  Batched by encoder window like :meth:`decode`;
+        under ``jax.distributed`` every process calls it together (possibly with no requests)."""
+        if not self.word_timestamps:
+            raise ValueError("word timestamps are not enabled on this engine (EngineConfig.word_timestamps)")
+        jobs, windows = [], []
+        for request in requests:
+            windows.append(self.window_for(request))
+            if self.dims.multilingual and request.language is None:
+                raise ValueError("aligning on a multilingual model needs the language")
+            self.tokenizer.sot_sequence(request.language, request.task)  # validates both
+            language = request.language or "en"
+            text = [int(t) for t in request.tokens if int(t) < self.ids.eot]
+            job = _AlignJob(text, language, request.task, len(np.asarray(request.audio)), np.asarray(request.audio))
+            if len(self._alignment_sequence(job)) > self.word_token_buckets[-1]:
+                raise ValueError(f"{len(text)} text tokens do not fit the largest word_token_bucket "
+                                 f"({self.word_token_buckets[-1]})")
+            jobs.append(job)
+        results: list[WindowWords | None] = [None] * len(jobs)
+        largest = self.local_capacity
+        groups = [[i for i, w in enumerate(windows) if w == window] for window in self.window_buckets]
+        calls = sharding.gather([-(-len(group) // largest) for group in groups]).max(axis=0)
+        for window, group, n_calls in zip(self.window_buckets, groups, calls):
+            for first in range(0, int(n_calls) * largest, largest):
+                chunk = group[first:first + largest]
+                needed = next(i for i, b in enumerate(self.batch_buckets)
+                              if sharding.local_batch(self.mesh, b) >= len(chunk))
+                global_size = self.batch_buckets[int(sharding.gather([needed]).max())]
+                size = sharding.local_batch(self.mesh, global_size)
+                audio = np.zeros((size, window_samples(window)), np.float32)
+                for row, i in enumerate(chunk):
+                    audio[row, :jobs[i].samples] = jobs[i].audio
+                (audio_arg,) = sharding.put_batch([audio], self.mesh, global_size)
+                cross = self._encode_executable(global_size, window)(self.weights, audio_arg)
+                padded = [jobs[i] for i in chunk] + [None] * (size - len(chunk))
+                for i, words in zip(chunk, self._align_batch(padded, cross, global_size, window)):
+                    results[i] = words
+        return results  # type: ignore[return-value]
 
     def _whisper_budget(self, p: _Prepared) -> int:
         """Whisper's limit: 224 tokens a window (a forced prefix included), within the text context."""
@@ -527,7 +772,11 @@ class Engine:
             "prompt_buckets": list(self.prompt_buckets),
             "encoder_rows": self.encoder_rows,
             "compiled_buckets": len(self._executables),
+            "word_timestamps": self.word_timestamps,
+            "word_token_buckets": list(self.word_token_buckets) if self.word_timestamps else [],
+            "alignment_heads": self.alignment_heads_source,
         }
 
 
-__all__ = ["Engine", "DecodeRequest", "DecodeResult", "Bucket", "compile_stats", "LANGUAGES"]
+__all__ = ["Engine", "DecodeRequest", "DecodeResult", "AlignRequest", "Bucket", "AlignBucket", "compile_stats",
+           "LANGUAGES"]

@@ -1,6 +1,9 @@
 """Transcripts as files and API bodies: text, JSON, OpenAI's verbose_json, SRT and WebVTT.
 
 One writer per format, shared by the batch script and the REST API so both say the same thing.
+With word timestamps, ``verbose_json`` has OpenAI's top-level ``words`` (``word``, ``start``,
+``end``, and faster-whisper's ``probability``), and SRT/WebVTT can have one cue per word
+(``word_cues``) instead of one per segment.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ import json
 import math
 
 from .tokenizer import LANGUAGES
-from .transcribe import Transcript
+from .transcribe import Transcript, word_dict
 
 FORMATS = ("text", "json", "verbose_json", "srt", "vtt")
 
@@ -28,15 +31,22 @@ def to_text(t: Transcript) -> str:
     return t.text + "\n"
 
 
-def to_srt(t: Transcript) -> str:
+def _cues(t: Transcript, word_cues: bool) -> list[tuple[float, float, str]]:
+    """(start, end, text) of each cue: the segments, or the words when asked for and present."""
+    if word_cues and t.words is not None:
+        return [(w.start, w.end, w.word.strip()) for w in t.words]
+    return [(s.start, s.end, s.text.strip()) for s in t.segments]
+
+
+def to_srt(t: Transcript, word_cues: bool = False) -> str:
     cues = []
-    for i, s in enumerate(t.segments, start=1):
-        cues.append(f"{i}\n{timestamp(s.start)} --> {timestamp(s.end)}\n{s.text.strip()}\n")
+    for i, (start, end, text) in enumerate(_cues(t, word_cues), start=1):
+        cues.append(f"{i}\n{timestamp(start)} --> {timestamp(end)}\n{text}\n")
     return "\n".join(cues)
 
 
-def to_vtt(t: Transcript) -> str:
-    cues = [f"{timestamp(s.start, '.')} --> {timestamp(s.end, '.')}\n{s.text.strip()}\n" for s in t.segments]
+def to_vtt(t: Transcript, word_cues: bool = False) -> str:
+    cues = [f"{timestamp(start, '.')} --> {timestamp(end, '.')}\n{text}\n" for start, end, text in _cues(t, word_cues)]
     return "WEBVTT\n\n" + "\n".join(cues)
 
 
@@ -46,7 +56,7 @@ def usage(t: Transcript) -> dict:
 
 
 def verbose(t: Transcript, task: str = "transcribe") -> dict:
-    """OpenAI's ``verbose_json`` body (``words`` is null: no word-level timestamps)."""
+    """OpenAI's ``verbose_json`` body (``words`` is null without word timestamps)."""
     return {
         "task": task,
         "language": LANGUAGES.get(t.language, t.language),
@@ -60,19 +70,19 @@ def verbose(t: Transcript, task: str = "transcribe") -> dict:
             }
             for s in t.segments
         ],
-        "words": None,
+        "words": None if t.words is None else [word_dict(w) for w in t.words],
         "usage": usage(t),
     }
 
 
-def render(t: Transcript, fmt: str, task: str = "transcribe") -> str:
-    """The transcript in ``fmt`` (one of FORMATS) as a string."""
+def render(t: Transcript, fmt: str, task: str = "transcribe", word_cues: bool = False) -> str:
+    """The transcript in ``fmt`` (one of FORMATS) as a string; ``word_cues``: SRT/WebVTT cues per word."""
     if fmt == "text":
         return to_text(t)
     if fmt == "srt":
-        return to_srt(t)
+        return to_srt(t, word_cues)
     if fmt == "vtt":
-        return to_vtt(t)
+        return to_vtt(t, word_cues)
     if fmt == "json":
         return json.dumps({"text": t.text, "usage": usage(t)}, ensure_ascii=False)
     if fmt == "verbose_json":

@@ -108,6 +108,17 @@ class CrossAttention(nn.Module):
     def __call__(self, x, kv):
         return self.out(_attend(_split_heads(self.q(x), self.n_head), kv[0], kv[1]))
 
+    def with_scores(self, x, kv):
+        """Like ``__call__``, also returning the scaled pre-softmax scores [B, H, S, T] (float32):
+        word alignment reads them.  Decoding never calls this."""
+        q = _split_heads(self.q(x), self.n_head)
+        q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q, kv[0]).astype(jnp.float32)
+        weights = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(kv[1].dtype), kv[1])
+        batch, n_head, length, d_head = out.shape
+        return self.out(out.transpose(0, 2, 1, 3).reshape(batch, length, n_head * d_head)), scores
+
 
 class Mlp(nn.Module):
     n_state: int
@@ -161,6 +172,13 @@ class DecoderLayer(nn.Module):
         x = x + y
         x = x + self.cross_attn(self.cross_attn_ln(x), cross_kv)
         return x + self.mlp(self.mlp_ln(x)), cache
+
+    def with_cross_scores(self, x, mask, cross_kv):
+        """One pass without a cache (word alignment): the output and the cross-attention scores."""
+        x = x + self.attn(self.attn_ln(x), mask)[0]
+        y, scores = self.cross_attn.with_scores(self.cross_attn_ln(x), cross_kv)
+        x = x + y
+        return x + self.mlp(self.mlp_ln(x)), scores
 
 
 class AudioEncoder(nn.Module):
@@ -231,6 +249,22 @@ class TextDecoder(nn.Module):
             new_cache.append(layer_cache)
         return self.ln(x), tuple(new_cache)
 
+    def alignment_pass(self, tokens, cross_kv: Cache, heads):
+        """The whole of ``tokens`` ([B, S], from position 0, causal; padding after the real tokens
+        changes nothing before it) in one pass, for word alignment.  Returns the final hidden states
+        [B, S, d] and the cross-attention scores of ``heads`` ((layer, head) pairs), [B, len(heads),
+        S, T]."""
+        s = tokens.shape[1]
+        x = self.embed_tokens(tokens) + self.embed_positions[:s]
+        mask = jnp.tril(jnp.ones((s, s), bool))[None]
+        picked = []
+        for index, (layer, layer_kv) in enumerate(zip(self.layers, cross_kv)):
+            x, scores = layer.with_cross_scores(x, mask, layer_kv)
+            wanted = [head for layer_index, head in heads if layer_index == index]
+            if wanted:
+                picked.append(scores[:, jnp.asarray(wanted)])
+        return self.ln(x), jnp.concatenate(picked, axis=1)
+
     def logits(self, hidden, projection=None):
         """Output projection, tied to the token embedding; float32 logits.
 
@@ -261,6 +295,9 @@ class Whisper(nn.Module):
 
     def logits(self, hidden, projection=None):
         return self.decoder.logits(hidden, projection)
+
+    def alignment_pass(self, tokens, cross_kv: Cache, heads):
+        return self.decoder.alignment_pass(tokens, cross_kv, heads)
 
     def __call__(self, mel, tokens):
         """Full forward pass (used to initialise parameters and to check shapes)."""

@@ -56,11 +56,12 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, TIME_PRECISION
+from .audio import CHUNK_LENGTH, SAMPLE_RATE, TIME_PRECISION
 from .config import StreamConfig
 from .decoding import too_dense
 
 SAMPLES_PER_TIMESTAMP = round(TIME_PRECISION * SAMPLE_RATE)  # 320 samples = 0.02 s
+MIN_WORD_AUDIO = round(0.1 * SAMPLE_RATE)  # the least audio CommittedWords aligns text in
 ANCHOR_TOKENS = 2  # committed text tokens that must follow a cut (see Utterance._cut_points)
 MAX_PROMPT_TOKENS = 223  # Whisper's longest previous-text prompt (n_text_ctx // 2 - 1)
 FALLBACK_TEMPERATURE = 0.5
@@ -132,12 +133,14 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class Utterance:
     """The streaming state of one utterance."""
 
-    def __init__(self, settings: StreamConfig, tokenizer: TokenText, initial_prompt: Sequence[int] = ()):
+    def __init__(self, settings: StreamConfig, tokenizer: TokenText, initial_prompt: Sequence[int] = (),
+                 word_timestamps: bool = False):
         self.settings = settings
         self._tok = tokenizer
         self._audio = AudioBuffer()  # audio from the window's start to the newest sample
         self._voiced = AudioBuffer()  # per sample of the window: 1 speech (or not yet heard by the VAD), 0 not
         self._vad_used = False  # a VAD marks speech
+        self._vad_frame = 0  # its frame, in samples
         self._vad_at = 0  # utterance samples handed to the VAD
         self._framed_at = 0  # utterance samples the VAD has given its verdict on
         self._last_speech = 0  # end of the last frame the VAD heard speech in
@@ -150,6 +153,7 @@ class Utterance:
         self._rejected = 0  # consecutive decodes of this window Whisper would reject (silent, repetitive)
         self._fresh_after = 0  # utterance sample index before which no fresh decode is tried
         self._regular_next = False  # a fresh decode found no cut: the next one continues the text
+        self._fresh_for_full = False  # a continuation of the full window cut nothing: the next is fresh
         self._pieces: dict[int, str] = {}
         self.tokens: list[int] = []  # every committed text token of the utterance
         self.text = ""  # the concatenation of every delta returned
@@ -162,6 +166,8 @@ class Utterance:
         self.decodes = 0
         self.fresh_decodes = 0
         self.last_prompt_tokens = 0
+        # word timestamps of the committed text (opt-in): it keeps the audio they are aligned in
+        self.words = CommittedWords(self) if word_timestamps else None
 
     # -- audio ---------------------------------------------------------------------------------
     @property
@@ -177,11 +183,23 @@ class Utterance:
     def window_samples(self) -> int:
         return len(self._audio)
 
+    @property
+    def window_start_sample(self) -> int:
+        """Utterance sample index where the window starts (audio before it has left)."""
+        return self._window_start
+
+    @property
+    def decoded_samples(self) -> int:
+        """Utterance sample index the last decoded window reached: committed text lies before it."""
+        return self._decoded_until
+
     def add_audio(self, samples: np.ndarray) -> None:
         if self.finishing:
             raise RuntimeError("the utterance is finishing: no more audio")
         self._audio.append(samples)
         self._voiced.append(np.ones(len(samples), np.float32))  # speech until the VAD says otherwise
+        if self.words is not None:
+            self.words.add_audio(samples)
 
     def drop_pending(self) -> int:
         """Forget audio not yet part of any decoded window (``input_audio_buffer.clear``)."""
@@ -189,6 +207,8 @@ class Utterance:
         self._audio.drop_back(dropped)
         self._voiced.drop_back(dropped)
         self._vad_at = min(self._vad_at, self.received_samples)
+        if self.words is not None:
+            self.words.drop_back(dropped)
         return dropped
 
     # -- voice activity (optional: a session with a VAD feeds it) --------------------------------
@@ -203,6 +223,7 @@ class Utterance:
         """The VAD's verdict on consecutive frames of ``frame`` samples from utterance sample
         ``start``.  With speech marked, audio that holds none needs no decode (see :meth:`wants_decode`)."""
         self._vad_used = True
+        self._vad_frame = frame
         for k, speech in enumerate(np.asarray(voiced, bool)):
             a, b = start + k * frame, start + (k + 1) * frame
             self._voiced.fill(a - self._window_start, b - self._window_start, 1.0 if speech else 0.0)
@@ -248,6 +269,18 @@ class Utterance:
         self._decoded_until = self.received_samples
         return True
 
+    def _finish_in_silence(self) -> bool:
+        """Finishing, with the window's text settled and no speech after it that the VAD heard (it
+        heard all the audio but its last partial frame): the utterance ends without another decode,
+        the rest leaving as silence.  (Decoding silence only invites Whisper's "you".)"""
+        if not self._vad_used or self.received_samples - self._framed_at >= self._vad_frame or not self._settled():
+            return False
+        end = self._committed_end()
+        if end:
+            self._cut(len(self._committed), end, "text")
+        self._end("silence")
+        return True
+
     def finish(self) -> None:
         self.finishing = True
         if len(self._audio) == 0:  # nothing left to decode
@@ -266,7 +299,7 @@ class Utterance:
         if self.done:
             return False
         if self.finishing:
-            return True
+            return not self._finish_in_silence()
         min_new = self.settings.step_s if min_new_s is None else min_new_s
         due = len(self._audio) > 0 and (self.pending_samples >= max(1, round(min_new * SAMPLE_RATE))
                                         or (self.pending_samples > 0 and len(self._audio) > self._max_samples))
@@ -301,6 +334,8 @@ class Utterance:
         waits for a continuation and two more steps of audio (the committed text has to reach a
         segment's end first), unless the window is full.
         """
+        if full and self._fresh_for_full:  # the continuation found no segment end: it would repeat
+            return True
         if (self.finishing and not full) or not self._text(self._committed) or self._cut_points(window_samples):
             return False
         if full:
@@ -381,16 +416,6 @@ class Utterance:
         if self.finishing and len(self._audio) == 0:
             self.done = True
         return self._emit()
-
-    @property
-    def partial(self) -> str:
-        """The newest hypothesis's text beyond ``text`` (not committed, not sent as a delta);
-        "" once done or when the hypothesis no longer extends the committed tokens."""
-        n = len(self.tokens)
-        if self.done or len(self._hypothesis) <= n or self._hypothesis[:n] != self.tokens:
-            return ""
-        text = self._tok.decode(self._hypothesis).lstrip()
-        return text[len(self.text):].rstrip("\ufffd") if text.startswith(self.text) else ""
 
     @property
     def partial(self) -> str:
@@ -521,7 +546,9 @@ class Utterance:
         ends = [i for i in self._ends(whole) if i >= len(self._committed) and whole[i] <= limit]
         if ends:
             self._commit(rest[: ends[-1] + 1 - len(self._committed)])
+        before = len(self.stretches)
         self._trim(window_samples, anchored=False)
+        self._fresh_for_full = len(self.stretches) == before  # nothing cut: decode it afresh next
 
     def _apply_fresh(self, window: Window, fresh: list[int]) -> None:
         """Cut at the last segment end of a fresh hypothesis that the committed text reaches.
@@ -641,6 +668,7 @@ class Utterance:
         self._prompt = (self._prompt + self._text(self._committed[:index]))[-MAX_PROMPT_TOKENS:]
         self._committed = [t if t < begin else max(begin, t - shift) for t in self._committed[index:]]
         self._history = []  # hypotheses of the old window no longer continue the new prefix
+        self._fresh_for_full = False
         self._audio.drop_front(samples)
         self._voiced.drop_front(samples)
         self._window_start += samples
@@ -707,6 +735,134 @@ class AudioBuffer:
         """The largest of samples ``[a, b)`` (clipped to the buffer; 0 when empty)."""
         a, b = max(0, a), min(len(self), b)
         return float(self._data[self._start + a:self._start + b].max()) if b > a else 0.0
+
+@dataclasses.dataclass(frozen=True)
+class WordJob:
+    """Committed text tokens to align in audio (``engine.AlignRequest``): ``audio`` is utterance
+    samples ``[start, start + len(audio))``; ``first`` the index of ``tokens[0]`` in
+    ``Utterance.tokens``; ``final``: every word of it is sent (else the last one waits)."""
+
+    audio: np.ndarray
+    tokens: list[int]
+    start: int
+    first: int
+    final: bool
+
+
+class CommittedWords:
+    """Word timestamps of an utterance's committed text (the realtime ``word_timestamps``
+    extension), each word handed out once with times that never change.
+
+    Pure code, like :class:`Utterance`: :meth:`jobs` says what to align after a step (the caller
+    runs ``Engine.align`` on them), :meth:`take` turns the aligned words into the words to send.
+    The committed tokens not yet handed out are aligned in the audio from the end of the last
+    word handed out to:
+
+    * the end of the stretch of audio that left the window with them, once they have all left
+      (``Utterance.stretches``): Whisper's own long-form alignment, a window ending at a segment
+      end; every word of them is handed out;
+    * else the end of the last decoded window; every word but the last is handed out (the last
+      one's end is the least sure, and a punctuation mark committed next would still join it).
+
+    Times are utterance seconds, 10 ms apart, ordered and never overlapping.  The audio kept is
+    what the unsent words may lie in (from the window's start once every word is out).
+    ``max_tokens``: the most text tokens one alignment takes (a full window's 224); a longer run,
+    which committed text does not produce, is skipped without words.
+    """
+
+    MAX_TOKENS = 224
+
+    def __init__(self, utterance: Utterance, max_tokens: int = MAX_TOKENS):
+        self._u = utterance
+        self.max_tokens = max_tokens
+        self._audio = AudioBuffer()  # utterance samples from self._start on
+        self._start = 0
+        self._sent = 0  # utterance tokens whose words were handed out
+        self._aligned = 0  # utterance tokens committed at the last alignment of the open text
+        self._last_end = 0.0  # end of the last word handed out (utterance seconds)
+        self._stretches = 0  # Utterance.stretches looked at
+        self._covered = 0  # text tokens that left the window with them
+        self._covered_end = 0  # utterance sample where the last of those stretches ends
+        self.skipped = 0  # tokens handed out without words (see max_tokens)
+
+    def add_audio(self, samples: np.ndarray) -> None:
+        self._audio.append(samples)
+
+    def drop_back(self, n: int) -> None:
+        self._audio.drop_back(n)
+
+    def _advance(self, sample: int) -> None:
+        """Forget the audio before utterance sample ``sample``."""
+        if sample > self._start:
+            self._audio.drop_front(sample - self._start)
+            self._start = sample
+
+    def _job(self, first: int, last: int, end: int, final: bool) -> WordJob | None:
+        tokens = list(self._u.tokens[first:last])
+        start = max(self._start, end - round(CHUNK_LENGTH * SAMPLE_RATE))  # at most a 30 s window
+        # a sliver of audio (a word placed past the cut the window later made): a little more
+        end = max(end, min(start + MIN_WORD_AUDIO, self._start + len(self._audio)))
+        if len(tokens) > self.max_tokens:
+            self.skipped += len(tokens)
+            self._sent = last
+            self._advance(end)
+            return None
+        audio = self._audio.slice(start - self._start, max(start, end) - self._start)
+        return WordJob(audio, tokens, start, first, final)
+
+    def jobs(self) -> list[WordJob]:
+        """What to align now (none when no new text was committed and no text left the window)."""
+        u = self._u
+        total = len(u.tokens)
+        if self._sent >= total:
+            self._advance(min(u.window_start_sample, self._start + len(self._audio)))
+            return []
+        for stretch in u.stretches[self._stretches:]:  # text that left the window, and where its audio ends
+            if stretch.tokens:
+                self._covered += stretch.tokens
+                self._covered_end = round(stretch.end_s * SAMPLE_RATE)
+        self._stretches = len(u.stretches)
+        out = []
+        first = self._sent
+        if self._covered > first:
+            job = self._job(first, self._covered, self._covered_end, True)
+            out += [job] if job is not None else []
+            first = self._covered
+        if total > first and (total > self._aligned or u.done):
+            self._aligned = total
+            job = self._job(first, total, u.decoded_samples, u.done)
+            out += [job] if job is not None else []
+        return out
+
+    def take(self, jobs: Sequence[WordJob], aligned: Sequence) -> list:
+        """The words to hand out, from ``Engine.align``'s ``WindowWords`` of each of ``jobs``:
+        ``alignment.WordTiming`` in utterance seconds."""
+        from .alignment import WordTiming  # numpy only, no JAX
+
+        out = []
+        for job, window in zip(jobs, aligned):
+            timings = list(window.timings)
+            if not job.final:
+                spoken = [i for i, t in enumerate(timings) if t.word]
+                timings = timings[:spoken[-1]] if spoken else []
+            offset = job.start / SAMPLE_RATE
+            last_end = None
+            for t in timings:
+                if not t.word:
+                    continue
+                start = round(max(offset + t.start, self._last_end), 2)
+                end = round(max(offset + t.end, start), 2)
+                out.append(WordTiming(t.word, start, end, t.probability, list(t.tokens)))
+                self._last_end, last_end = end, t.end
+            if job.final:
+                self._sent = job.first + len(job.tokens)
+                self._advance(job.start + len(job.audio))
+            else:
+                self._sent = job.first + sum(len(t.tokens) for t in timings)
+                if last_end is not None:
+                    self._advance(job.start + round(last_end * SAMPLE_RATE))
+        return out
+
 
 class _Alignment:
     """Where a fresh hypothesis's text meets the committed text, compared on letters and digits.

@@ -61,6 +61,12 @@ decoded again at the next temperature of ``temperatures`` (0.0, 0.2, ..., 1.0), 
 attempt if all fail; in ``seek``, text decoded at a temperature above 0.5 does not condition the
 next window.
 
+Word timestamps (``TranscribeOptions.word_timestamps``, ``seek`` only; the engine must have them
+enabled): each window's words (``alignment.py``) are handed to its segments with Whisper's
+heuristics and shifted by the window's offset, and, as openai-whisper and faster-whisper do, a
+window that did not end with a single timestamp is followed from the end of its last word rather
+than from its last timestamp.  Segments then start at their first word and end at their last.
+
 Under ``jax.distributed`` :func:`run_jobs` keeps the processes in lockstep: each decodes its own
 files, and all of them keep calling the engine (with an empty batch when they have nothing left)
 until every process is done.
@@ -77,9 +83,10 @@ from typing import Any, Awaitable, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from . import sharding
-from .audio import CHUNK_LENGTH, HOP_LENGTH, SAMPLE_RATE, AudioError, decode_audio
-from .decoding import COMPRESSION_RATIO_THRESHOLD
+from .alignment import SegmentSpan, WordTiming, segment_words
+from .audio import CHUNK_LENGTH, FRAMES_PER_SECOND, HOP_LENGTH, SAMPLE_RATE, AudioError, decode_audio
 from .engine import DecodeRequest, DecodeResult, Engine
+from .thresholds import COMPRESSION_RATIO_THRESHOLD, LOGPROB_THRESHOLD, NO_SPEECH_THRESHOLD, TEMPERATURES
 
 FRAMES_PER_WINDOW = CHUNK_LENGTH * SAMPLE_RATE // HOP_LENGTH  # 3000 mel frames = 30 s
 STRATEGIES = ("seek", "chunked")
@@ -94,18 +101,21 @@ class TranscribeOptions:
     timestamps: bool = True
     initial_prompt: str | None = None
     condition_on_previous_text: bool = True  # seek only: chunks are decoded independently
-    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    temperatures: tuple[float, ...] = TEMPERATURES
     compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD
-    logprob_threshold: float | None = -1.0
-    no_speech_threshold: float | None = 0.6
+    logprob_threshold: float | None = LOGPROB_THRESHOLD
+    no_speech_threshold: float | None = NO_SPEECH_THRESHOLD
     prompt_reset_on_temperature: float = 0.5
     seed: int = 0
     strategy: str = "seek"  # see the module's docstring
     chunk_stride_s: float = 5.0  # chunked: overlap with each neighbouring chunk
+    word_timestamps: bool = False  # seek only: words with start and end times in every segment
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
+        if self.word_timestamps and self.strategy != "seek":
+            raise ValueError("word timestamps need the seek strategy")
         if not 0 <= self.chunk_stride_s < CHUNK_LENGTH / 4:
             raise ValueError(f"chunk_stride_s must be in [0, {CHUNK_LENGTH / 4}), not {self.chunk_stride_s}")
         if not self.temperatures:
@@ -124,6 +134,7 @@ class TranscriptSegment:
     avg_logprob: float
     compression_ratio: float
     no_speech_prob: float
+    words: list[WordTiming] | None = None  # word timestamps (absolute times), when asked for
 
 
 @dataclasses.dataclass
@@ -135,6 +146,13 @@ class Transcript:
     windows: int  # engine calls made, fallbacks included
     prompt_tokens: int
     completion_tokens: int
+
+    @property
+    def words(self) -> list[WordTiming] | None:
+        """Every segment's words in order; None without word timestamps."""
+        if not any(s.words is not None for s in self.segments):
+            return None
+        return [w for s in self.segments for w in s.words or []]
 
 
 class _Guards:
@@ -201,7 +219,8 @@ class _Job:
         # Audio longer than one window is decoded in Whisper's full 30 s windows: a shorter encoder
         # window with a previous-text prompt often places no timestamps at all.
         return DecodeRequest(audio, self.language, self.options.task, self.timestamps, prompt,
-                             temperature=temperature, seed=seed, min_window_s=CHUNK_LENGTH if self.long else 0.0)
+                             temperature=temperature, seed=seed, min_window_s=CHUNK_LENGTH if self.long else 0.0,
+                             word_timestamps=self.options.word_timestamps)
 
     def count(self, result: DecodeResult) -> None:
         self.windows += 1
@@ -209,11 +228,11 @@ class _Job:
         self.completion_tokens += result.sampled_tokens
 
     def segment(self, seek: int, start: float, end: float, text: str, tokens: list[int],
-                result: DecodeResult) -> TranscriptSegment:
+                result: DecodeResult, words: list[WordTiming] | None = None) -> TranscriptSegment:
         return TranscriptSegment(
             id=0, seek=seek, start=round(start, 3), end=round(end, 3), text=text, tokens=tokens,
             temperature=result.temperature, avg_logprob=result.avg_logprob,
-            compression_ratio=result.compression_ratio, no_speech_prob=result.no_speech_prob,
+            compression_ratio=result.compression_ratio, no_speech_prob=result.no_speech_prob, words=words,
         )
 
     # the interface the drivers use
@@ -262,6 +281,7 @@ class LongForm(_Job):
         self._all_tokens: list[int] = list(self.initial_prompt)
         self._prompt_reset_since = 0
         self._attempts: list[DecodeResult] = []  # this window's attempts at successive temperatures
+        self._last_speech = 0.0  # word timestamps: where the speech of the windows so far ended
 
     @property
     def done(self) -> bool:
@@ -315,11 +335,21 @@ class LongForm(_Job):
             advance = size if done else max(1, round(result.seek_s * SAMPLE_RATE / HOP_LENGTH))
         else:
             window_segments, advance = result.segments, size
-        for s in window_segments:
-            if not s.text.strip() or (self.timestamps and s.end <= s.start):
+        spans = [SegmentSpan(offset + s.start, offset + s.end, len(s.tokens)) for s in window_segments]
+        words: list[list[WordTiming] | None] = [None] * len(spans)
+        if result.words is not None:
+            words, self._last_speech = segment_words(result.words, spans, offset, self._last_speech)
+            tokens, begin = result.tokens, self.tokenizer.timestamp_begin
+            single_ending = len(tokens) >= 2 and tokens[-2] < begin <= tokens[-1]
+            if self.timestamps and not single_ending:  # go on from the end of the last word
+                last_end = next((w.end for ws in reversed(words) for w in reversed(ws)), spans[-1].end if spans else None)
+                if last_end is not None and last_end > offset:
+                    advance = max(1, round(last_end * FRAMES_PER_SECOND) - self.seek)
+        for s, span, segment_words_ in zip(window_segments, spans, words):
+            if not s.text.strip() or (self.timestamps and span.end <= span.start):
                 continue
             tokens = s.raw or s.tokens
-            self.segments.append(self.segment(self.seek, offset + s.start, offset + s.end, s.text, tokens, result))
+            self.segments.append(self.segment(self.seek, span.start, span.end, s.text, tokens, result, segment_words_))
             self._all_tokens += tokens
         if not o.condition_on_previous_text or result.temperature > o.prompt_reset_on_temperature:
             self._prompt_reset_since = len(self._all_tokens)
@@ -475,9 +505,12 @@ def longest_common_sequence(sequences: list[list[Any]], key: Callable[[Any], Any
 
 
 def check_options(engine: Engine, options: TranscribeOptions) -> None:
-    """ValueError for options the engine cannot use (an unknown language or task)."""
+    """ValueError for options the engine cannot use (an unknown language or task, word timestamps
+    on an engine compiled without them)."""
     if options.language is not None or not engine.dims.multilingual:
         engine.tokenizer.sot_sequence(options.language, options.task)
+    if options.word_timestamps and not engine.word_timestamps:
+        raise ValueError("word timestamps are not enabled on this engine (EngineConfig.word_timestamps)")
 
 
 def make_job(engine: Engine, audio: np.ndarray, options: TranscribeOptions) -> _Job:
@@ -607,7 +640,15 @@ class FileResult:
         }
         if timestamps:
             out["segments"] = [{"start": s.start, "end": s.end, "text": s.text.strip()} for s in t.segments]
+        if t.words is not None:
+            out["words"] = [word_dict(w) for w in t.words]
         return out
+
+
+def word_dict(w: WordTiming) -> dict:
+    """A word as OpenAI's verbose_json has it (the text without its leading space), with faster-whisper's
+    ``probability``."""
+    return {"word": w.word.strip(), "start": w.start, "end": w.end, "probability": round(w.probability, 4)}
 
 
 def read_files(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[str, np.ndarray | AudioError]]:

@@ -42,7 +42,7 @@ from jax_realtime.tokenizer import MAX_PROMPT_CHARS
 from jax_realtime.vad import FRAME, THRESHOLD, TurnDetector, TurnSettings, VADBatcher, VADStream
 
 from . import protocol as p
-from .app import Service
+from .service import Service
 
 log = logging.getLogger("jax_realtime.session")
 
@@ -96,9 +96,12 @@ class RealtimeConnection:
     # OpenAI's manual mode: audio appended with no turn open opens one (vLLM queues it for a commit)
     audio_opens_turns = False
 
-    def __init__(self, websocket, service: Service):
+    def __init__(self, websocket, service: Service, upgrade=None):
         self.ws = websocket
         self.service = service
+        # (connection, first message) -> the connection of another dialect, or None: a client of
+        # another protocol recognised by its first event (realtime.py passes OpenAI's GA check)
+        self._upgrade = upgrade
         self.created = p.SessionCreated.new()
         self.id = self.created.id
         self.state = State.UNVALIDATED
@@ -167,11 +170,10 @@ class RealtimeConnection:
         return p.error_event(code, message)
 
     def _parse(self, message: str):
-        if self.state is State.UNVALIDATED and '"session"' in message:
-            from .openai_realtime import OpenAIConnection, wants_ga
-
-            if wants_ga(message):  # a GA client on the bare path: the session speaks GA from now on
-                return OpenAIConnection.adopt(self)._parse(message)
+        if self.state is State.UNVALIDATED and self._upgrade is not None and '"session"' in message:
+            other = self._upgrade(self, message)
+            if other is not None:  # e.g. a GA client on the bare path: the session speaks GA from now on
+                return other._parse(message)
         return p.parse_client_event(message)
 
     def _protocol_error(self, exc: p.ProtocolError):
@@ -422,6 +424,8 @@ class RealtimeConnection:
         tail = self.input.flush()
         if self.leveller is not None:
             tail = np.concatenate([self.leveller.process(tail), self.leveller.flush()])
+            # the next stretch is levelled afresh: an utterance's audio does not depend on the last one's
+            self.leveller = Leveller()
         return tail
 
     def _buffered_samples(self) -> int:
@@ -735,6 +739,11 @@ class RealtimeConnection:
                 if hearing is not None:
                     await hearing.listen()
                 if not utterance.wants_decode(min_new):
+                    # silence may just have left the window without a decode: that makes room too,
+                    # and the reader (_wait_for_room) must hear of it or it never reads again
+                    self._room.set()
+                    if utterance.done:  # it ended in silence, without a decode
+                        continue
                     self._audio_arrived.clear()
                     await self._audio_arrived.wait()
                     continue
@@ -743,6 +752,7 @@ class RealtimeConnection:
                     if hearing is not None:
                         await hearing.listen()
                     if not utterance.wants_decode(min_new):
+                        self._room.set()
                         continue
                 window = utterance.next_window()
                 request = DecodeRequest(window.audio, language, task, timestamps=True,

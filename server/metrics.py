@@ -56,7 +56,7 @@ from prometheus_client.registry import Collector
 from jax_realtime.engine import compile_stats
 
 if TYPE_CHECKING:
-    from .app import Service
+    from .service import Service
 
 PREFIX = "jax_realtime"
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)

@@ -460,4 +460,10 @@ def wants_ga(message: str) -> bool:
             and event["session"].get("type") == "transcription")
 
 
-__all__ = ["OpenAIConnection", "OpenAIError", "choose", "wants_ga", "new_id"]
+def upgrade(connection: RealtimeConnection, message: str) -> OpenAIConnection | None:
+    """The hook a vLLM session is given (``RealtimeConnection(upgrade=...)``): a GA client's first
+    event turns it into a GA session."""
+    return OpenAIConnection.adopt(connection) if wants_ga(message) else None
+
+
+__all__ = ["OpenAIConnection", "OpenAIError", "choose", "upgrade", "wants_ga", "new_id"]

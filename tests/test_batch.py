@@ -128,6 +128,25 @@ def test_chosen_formats_only(tiny_engine, corpus):
         batch.run(tiny_engine, items, str(out), TranscribeOptions(), extensions=["docx"], progress=False)
 
 
+def test_word_timestamps_in_json_and_word_cues(tiny_engine, corpus):
+    """--word-timestamps --cues word: OpenAI's words in the .json, and a SRT/WebVTT cue per word."""
+    out = corpus / "out"
+    items = [i for i in expand_inputs([str(corpus / "recordings")]) if i.name == "a"]
+    report = batch.run(tiny_engine, items, str(out), TranscribeOptions(word_timestamps=True), progress=False,
+                       word_cues=True)
+    assert report.exit_status == 0
+    body = json.loads((out / "a.json").read_text())
+    words = body["words"]
+    assert len(words) > 10 and all(set(w) == {"word", "start", "end", "probability"} for w in words)
+    assert " ".join(w["word"] for w in words) == body["text"]
+    expected = [(w["start"], w["end"], w["word"]) for w in words]
+    for cues in (parse_srt((out / "a.srt").read_text()), parse_vtt((out / "a.vtt").read_text())):
+        assert [(round(a, 2), round(b, 2), t) for a, b, t in cues] == expected
+        assert_valid_cues(cues, body["duration"])
+    with pytest.raises(ValueError, match="seek"):
+        TranscribeOptions(word_timestamps=True, strategy="chunked")
+
+
 def write_config(path) -> str:
     lines = ["[engine]", 'model = "tiny.en"'] + [f"{k} = {json.dumps(list(v))}" for k, v in TEST_BUCKETS.items()]
     path.write_text("\n".join(lines) + "\n")
@@ -163,14 +182,18 @@ def test_batch_script_end_to_end(corpus):
 
 @pytest.mark.slow
 def test_cli_transcribe_directory_to_stdout(corpus):
-    """jax-realtime transcribe on a directory without --output-dir prints as for single files."""
+    """jax-realtime transcribe on a directory without --output-dir prints as for single files
+    (--word-timestamps: with their words)."""
     from realtime_client import venv_script
 
     config = write_config(corpus / "test.toml")
     done = run_command([venv_script("jax-realtime"), "transcribe", "recordings", "--format", "jsonl",
-                        "--config", config], corpus)
+                        "--config", config, "--word-timestamps"], corpus)
     assert done.returncode == 1  # the broken file
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [os.path.basename(r["file"]) for r in rows] == ["a.wav", "broken.wav", "b.wav"]
     assert "error" in rows[1] and rows[0]["text"] and rows[2]["text"]
+    for row in (rows[0], rows[2]):
+        assert " ".join(w["word"] for w in row["words"]) == row["text"]
+        assert all(a["end"] <= b["start"] for a, b in zip(row["words"], row["words"][1:]))
     assert "broken.wav" in done.stderr

@@ -255,7 +255,7 @@ class InProcess:
 
     @property
     def service(self):
-        from server.app import service_of
+        from server.service import service_of
 
         return service_of(self.app)
 

@@ -99,11 +99,11 @@ class _Socket:
 class _Session:
     def __init__(self, tokenizer, dialect: str):
         from server.connection import RealtimeConnection
-        from server.openai_realtime import OpenAIConnection
+        from server.openai_realtime import OpenAIConnection, upgrade
 
         self.ws, self.service = _Socket(), _Service(tokenizer)
-        if dialect == "vllm":
-            self.conn = RealtimeConnection(self.ws, self.service)
+        if dialect == "vllm":  # as the route builds it: a GA client's first event may upgrade it
+            self.conn = RealtimeConnection(self.ws, self.service, upgrade=upgrade)
         else:
             self.conn = OpenAIConnection(self.ws, self.service, beta=dialect == "beta")
         self.task = asyncio.ensure_future(self.conn.serve())

@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from server.protocol import (
+    MAX_MESSAGE_CHARS,
     MESSAGES,
     ErrorCode,
     ErrorEvent,
@@ -128,6 +129,49 @@ def test_unmaterialisable_json_is_processing_error():
     assert err.code == "processing_error" and err.message
     err = parse_error("[" * 100_000 + "]" * 100_000)
     assert err.code == "processing_error" and err.message
+
+
+@pytest.mark.parametrize("text", [
+    r'{"type": "\ud800"}',  # echoed in unknown_event
+    r'{"type": "session.update", "model": "x\udfff"}',  # echoed in model_not_found
+    r'{"type": "session.update", "model": "tiny.en", "prompt": "a\udc00b"}',  # tokenised
+    r'{"type": "session.update", "model": "tiny.en", "language": "\ud83d"}',  # echoed in processing_error
+    r'{"type": "input_audio_buffer.commit", "event_id": ["\ud800\ud800"]}',  # ignored key: still refused
+    r'{"\udfff": 1, "type": "input_audio_buffer.clear"}',  # a key
+    r'[[["\ud800"]]]',
+])
+def test_a_lone_surrogate_is_processing_error(text):
+    """Valid JSON, but not text UTF-8 can carry: refused at parse time, before it is echoed in an
+    error event or tokenised -- either failed with an exception that ended the session."""
+    err = parse_error(text)
+    assert err.code == "processing_error" and "lone UTF-16 surrogate" in err.message
+    assert json.loads(dump(err.to_event()))["code"] == "processing_error"  # the answer itself serialises
+
+
+@pytest.mark.parametrize("text, expected", [
+    (r'{"type": "session.update", "model": "m", "prompt": "\ud83d\ude00"}', "\U0001f600"),  # a pair: one emoji
+    (r'{"type": "session.update", "model": "m", "prompt": "\\ud800"}', "\\ud800"),  # an escaped backslash
+    ('{"type": "session.update", "model": "m", "prompt": "\U0001f600 \u00e9"}', "\U0001f600 \u00e9"),
+])
+def test_surrogate_pairs_and_lookalikes_are_text(text, expected):
+    assert parse_client_event(text).prompt == expected
+
+
+@pytest.mark.parametrize("text, start", [
+    (json.dumps({"type": "x" * 1_000_000}), "Unknown event type: xxx"),
+    (json.dumps({"type": ["y" * 10_000] * 100}), "Unknown event type: ['yyy"),
+])
+def test_an_echoed_value_is_clipped(text, start):
+    """A megabyte frame gets an error event of about a kilobyte: a client that never reads cannot
+    make its queued events (up to OUTBOX_LIMIT of them) hold what it sent, a thousand times over."""
+    err = parse_error(text)
+    assert err.code == "unknown_event" and err.message.startswith(start), err.message[:100]
+    assert len(err.message) <= MAX_MESSAGE_CHARS + 30 and err.message.endswith(" characters)"), err.message[-60:]
+    assert len(dump(err.to_event())) < 1200
+    huge = ProtocolError.model_not_found("m" * 100_000)
+    assert huge.message.startswith("The model `mmm") and len(huge.message) <= MAX_MESSAGE_CHARS + 30
+    short = "Unknown event type: " + "z" * (MAX_MESSAGE_CHARS - 20)  # exactly at the limit: unchanged
+    assert ProtocolError("unknown_event", short).message == short
 
 
 def test_other_error_table_rows_build_exact_messages():

@@ -725,6 +725,26 @@ def test_buffer_full_and_oversize_append(check_tight):
     run(main())
 
 
+def test_silence_at_the_buffer_cap_still_finishes(check_tight):
+    """A full buffer of silence: the server stops reading the socket until the utterance takes audio
+    in (backpressure), and the VAD lets silence leave the window without a decode.  That must wake
+    the reader too, or the final commit behind it is never read (found by scripts/fuzz_realtime.py:
+    finals that never got their done)."""
+
+    async def main():
+        async with await session(check_tight) as c:
+            silence = bytes(BYTES_PER_SECOND)
+            for _ in range(3):  # 3 s queued: exactly the cap
+                await c.append(silence)
+            await c.commit()
+            await c.commit(final=True)
+            deltas, done = await c.until_done(timeout=30)
+            assert check_done(deltas, done) == ""
+            await still_usable(c)
+
+    run(main(), timeout=60)
+
+
 # ======================================================================= Hypercorn, directly
 
 

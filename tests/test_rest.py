@@ -2,9 +2,9 @@
 
 No mocks. Two servers, child processes on real tiny.en weights with the small test buckets:
 
-* ``open_server``: ``jax-realtime serve`` without keys, ``max_upload_mb = 4``: every response
-  format, streaming, the offline comparison, every error case, models, health, metrics, and REST
-  with realtime sessions on the one batcher.
+* ``open_server``: ``jax-realtime serve`` without keys, ``max_upload_mb = 4``, word timestamps on:
+  every response format, word timestamps, streaming, the offline comparison, every error case,
+  models, health, metrics, and REST with realtime sessions on the one batcher.
 * ``secured``: keys from every source at once (the config's ``api_keys`` and ``api_key_file``,
   ``--api-key``, an ``--api-key-file`` with two keys, ``$JAX_REALTIME_API_KEY``: the flags add to
   the config's keys, they do not replace them) and ``--request-timeout 8``: auth on REST and on the
@@ -106,9 +106,10 @@ def long_wav() -> tuple[bytes, np.ndarray]:
 # ------------------------------------------------------------------------------------- servers
 
 
-def write_config(path: Path, model: str = "tiny.en", **server) -> Path:
+def write_config(path: Path, model: str = "tiny.en", engine: dict | None = None, **server) -> Path:
     lines = ["[engine]", f'model = "{model}"']
     lines += [f"{key} = {json.dumps(list(value))}" for key, value in TEST_BUCKETS.items()]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in (engine or {}).items()]
     server = {"admission_control": False, **server}  # a fixed max_sessions, whatever the shared CPU measures
     lines += ["", "[server]"] + [f"{key} = {json.dumps(value)}" for key, value in server.items()]
     path.write_text("\n".join(lines) + "\n")
@@ -116,8 +117,8 @@ def write_config(path: Path, model: str = "tiny.en", **server) -> Path:
 
 
 def start(tmp: Path, name: str, extra_args: list[str] | None = None, env: dict | None = None,
-          model: str = "tiny.en", **server):
-    config = write_config(tmp / f"{name}.toml", model, **server)
+          model: str = "tiny.en", engine: dict | None = None, **server):
+    config = write_config(tmp / f"{name}.toml", model, engine, **server)
     proc = ServerProcess.serve(config, name=name, log_path=tmp / f"{name}.log", startup_timeout=STARTUP_TIMEOUT,
                                extra_args=extra_args, env={"JAX_REALTIME_API_KEY": "", **(env or {})})
     proc.start()
@@ -127,7 +128,7 @@ def start(tmp: Path, name: str, extra_args: list[str] | None = None, env: dict |
 
 @pytest.fixture(scope="module")
 def open_server(tmp_path_factory):
-    proc = start(tmp_path_factory.mktemp("rest"), "rest", max_upload_mb=4)
+    proc = start(tmp_path_factory.mktemp("rest"), "rest", engine={"word_timestamps": True}, max_upload_mb=4)
     yield proc
     proc.stop()
 
@@ -313,6 +314,43 @@ def test_rest_matches_the_engines_offline_transcription(server, tiny_engine):
     assert wer([" ".join(refs)], [offline_long.text]) <= 25.0, offline_long.text
 
 
+def check_words(words, segments, duration: float) -> None:
+    """Words in order, never overlapping, each inside one segment, within the audio."""
+    previous = 0.0
+    for w in words:
+        assert isinstance(w, openai.types.audio.TranscriptionWord) and w.word == w.word.strip() and w.word, w
+        assert previous <= w.start <= w.end <= duration + 0.02, (previous, w)
+        assert any(s.start <= w.start and w.end <= s.end for s in segments), (w, segments)
+        previous = w.end
+    for s in segments:  # a segment spans its words
+        inside = [w for w in words if s.start <= w.start and w.end <= s.end]
+        assert inside and s.start == inside[0].start and s.end == inside[-1].end, (s, inside)
+
+
+def test_word_timestamps_with_the_openai_sdk(server, tiny_engine):
+    """timestamp_granularities=["word"]: typed words (OpenAI's fields, plus probability) that spell
+    the text, inside their segments; the same words as the engine's offline transcription; words
+    of a ~60 s file carry their window's offset."""
+    data, duration = wav(LONG), len(clip(LONG)) / 16000
+    verbose = transcribe(server, data, response_format="verbose_json", timestamp_granularities=["word"])
+    assert isinstance(verbose, openai.types.audio.TranscriptionVerbose)
+    words = verbose.words
+    assert len(words) >= 20 and " ".join(w.word for w in words) == verbose.text.strip()
+    check_words(words, verbose.segments, duration)
+    body = verbose.model_dump()
+    assert set(body["words"][0]) == {"word", "start", "end", "probability"}
+    assert all(0.0 < w["probability"] <= 1.0 for w in body["words"])
+    offline = transcribe_batch(tiny_engine, [decode_audio(data, "c.wav")], TranscribeOptions(word_timestamps=True))[0]
+    assert [(w.word, w.start, w.end) for w in words] == [(w.word.strip(), w.start, w.end) for w in offline.words]
+    both = transcribe(server, data, response_format="verbose_json", timestamp_granularities=["word", "segment"])
+    assert both.words == words and both.segments == verbose.segments
+
+    data, audio = long_wav()
+    long = transcribe(server, data, response_format="verbose_json", timestamp_granularities=["word"])
+    check_words(long.words, long.segments, len(audio) / 16000)
+    assert len({s.seek for s in long.segments}) >= 3 and long.words[-1].end > 50
+
+
 def test_stream_sends_a_chunk_per_window_then_done(server):
     """stream=true with ``stream_format=vllm`` (vLLM's shape) on ~60 s: several content chunks as
     windows finish, joined equal to the json text; then finish_reason "stop", the usage chunk, and
@@ -408,7 +446,7 @@ def test_error_cases(server):
          "Language 'de' is not supported by an English-only model."),
         ({"model": "tiny.en", "language": "klingon"}, good, None, 400, "BadRequestError", "language", None),
         ({"model": "tiny.en", "timestamp_granularities[]": ["segment", "word"]}, good, None, 400, "BadRequestError",
-         "timestamp_granularities", re.compile(r"Word-level timestamps are not supported.*")),
+         "timestamp_granularities", "timestamp_granularities[]=word needs response_format 'verbose_json'."),
         ({"model": "tiny.en", "timestamp_granularities[]": "sentence"}, good, None, 400, "BadRequestError",
          "timestamp_granularities", None),
         ({"model": "tiny.en", "temperature": "1.5"}, good, None, 400, "BadRequestError", "temperature", None),
@@ -606,6 +644,11 @@ def test_rest_requires_a_key(secured):
     request_headers = {"Authorization": f"bearer {FILE_KEYS[1]}"}  # the scheme is case-insensitive
     assert request(secured, "GET", "/v1/models", headers=request_headers)[0] == 200
     assert wer([ref_text(TINY)], [transcribe(secured, wav(TINY), key=ENV_KEY).text]) <= 20.0
+    # this server's engine has no word timestamps: asking for them is a 400 that says how to enable them
+    got = post_form(secured, {"model": "tiny.en", "response_format": "verbose_json", "timestamp_granularities[]": "word"},
+                    {"file": ("c.wav", wav(TINY))}, headers={"Authorization": f"Bearer {FLAG_KEY}"})
+    assert_error(*got, 400, "BadRequestError", "timestamp_granularities",
+                 re.compile(r"Word-level timestamps are not enabled on this server.*"))
     # health and metrics stay open for load balancers and Prometheus
     assert request(secured, "GET", "/health")[0] == 200 and request(secured, "GET", "/metrics")[0] == 200
     samples = scrape(secured)
@@ -750,9 +793,11 @@ TRANSLATIONS = {
 @pytest.fixture(scope="module")
 def multilingual(tmp_path_factory):
     """A third server, on the multilingual base model (installed by the test extra): the only way
-    to check that /v1/audio/translations really translates (tiny.en refuses it). ~45 s to start
-    with a cold compilation cache on 2 cores, ~15 s warm."""
-    proc = start(tmp_path_factory.mktemp("base"), "base", model="base", model_names=["base", "whisper-1"])
+    to check that /v1/audio/translations really translates (tiny.en refuses it), and word alignment
+    with a detected language in the start sequence. ~65 s to start with a cold compilation cache on
+    2 cores."""
+    proc = start(tmp_path_factory.mktemp("base"), "base", model="base", model_names=["base", "whisper-1"],
+                 engine={"word_timestamps": True})
     yield proc
     proc.stop()
 
@@ -777,8 +822,11 @@ def test_translations_on_a_multilingual_model(multilingual):
         assert words <= set(normalize(translated.text).split()), (clip_id, translated.text)
     # the same German speech transcribed: German, detected
     source = c.audio.transcriptions.create(file=("speech.wav", speech("fleurs-de-001")), model="base",
-                                           response_format="verbose_json")
+                                           response_format="verbose_json", timestamp_granularities=["word"])
     assert source.language == "german" and source.model_dump()["task"] == "transcribe"
+    # words as Whisper splits them ("T-Rex": " T" then "-Rex"): together, the text without its spaces
+    assert "".join(w.word for w in source.words) == source.text.replace(" ", "")
+    check_words(source.words, source.segments, source.duration)
     assert wer([refs["fleurs-de-001"]["text"]], [source.text]) <= 50.0, source.text
     assert not {"dinosaur", "water"} & set(normalize(source.text).split()), source.text  # not English
     with pytest.raises(openai.BadRequestError) as info:  # the SDK's extra_body does reach the form

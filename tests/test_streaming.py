@@ -198,6 +198,27 @@ def test_a_full_window_without_segment_ends_is_decoded_afresh_and_cut_where_the_
     assert utterance.text == tok.decode(words).lstrip()
 
 
+def test_a_full_window_that_yields_no_segment_end_and_no_committed_text_is_not_decoded_forever(tiny_tokenizer):
+    """A full window whose continuation commits nothing and places no segment end (Whisper's " a"
+    for 30 s of a quiet speaker under a previous-text prompt) must not be continued again: the
+    same request would give the same answer forever (found streaming FLEURS unpaced).  The next
+    decode is a fresh one, which always cuts a full window."""
+    tok = tiny_tokenizer
+    settings = StreamConfig(step_s=1.0, agreement=1, holdback_tokens=3, trim_after_s=8.0, max_window_s=10.0)
+    utterance = Utterance(settings, tok)
+    utterance.add_audio(speech(12.0))
+    utterance.finish()
+    window = utterance.next_window()
+    assert not window.fresh and len(window.audio) == 10 * SAMPLE_RATE
+    utterance.apply(window, Result([stamp(tok, 0.0)] + tok.encode(" a")))
+    assert utterance.stretches == [] and utterance.text == ""
+    fresh = utterance.next_window()
+    assert fresh.fresh
+    words = tok.encode(" one two three four")
+    utterance.apply(fresh, Result([stamp(tok, 0.0)] + words + [stamp(tok, 9.0)]))
+    assert utterance.stretches and utterance.stretches[-1].end_s <= 10.0
+
+
 def test_text_closed_well_before_the_end_of_the_audio_is_committed_whole(tiny_tokenizer):
     tok = tiny_tokenizer
     utterance = Utterance(StreamConfig(agreement=1, holdback_tokens=3), tok)
