@@ -92,6 +92,18 @@ class Batcher:
         self._wake.set()
         return await future
 
+    async def align(self, requests: list) -> list:
+        """``Engine.align(requests)`` (word timestamps of given text, a realtime session's committed
+        words) on the engine's thread, between two batches: not batched with other sessions'."""
+        if self._closed:
+            raise RuntimeError("the batcher is stopped")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self.engine.align, requests)
+        except Exception as exc:
+            log.exception("engine failed on an alignment of %d", len(requests))
+            raise EngineError(str(exc) or type(exc).__name__) from exc
+
     def cancel(self, owner: str) -> int:
         """Drop ``owner``'s waiting requests (a disconnect); returns how many."""
         mine = [p for p in self._pending if p.owner == owner]

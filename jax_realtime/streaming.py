@@ -56,11 +56,12 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, TIME_PRECISION
+from .audio import CHUNK_LENGTH, SAMPLE_RATE, TIME_PRECISION
 from .config import StreamConfig
 from .decoding import too_dense
 
 SAMPLES_PER_TIMESTAMP = round(TIME_PRECISION * SAMPLE_RATE)  # 320 samples = 0.02 s
+MIN_WORD_AUDIO = round(0.1 * SAMPLE_RATE)  # the least audio CommittedWords aligns text in
 ANCHOR_TOKENS = 2  # committed text tokens that must follow a cut (see Utterance._cut_points)
 MAX_PROMPT_TOKENS = 223  # Whisper's longest previous-text prompt (n_text_ctx // 2 - 1)
 FALLBACK_TEMPERATURE = 0.5
@@ -132,7 +133,8 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class Utterance:
     """The streaming state of one utterance."""
 
-    def __init__(self, settings: StreamConfig, tokenizer: TokenText, initial_prompt: Sequence[int] = ()):
+    def __init__(self, settings: StreamConfig, tokenizer: TokenText, initial_prompt: Sequence[int] = (),
+                 word_timestamps: bool = False):
         self.settings = settings
         self._tok = tokenizer
         self._audio = AudioBuffer()  # audio from the window's start to the newest sample
@@ -164,6 +166,8 @@ class Utterance:
         self.decodes = 0
         self.fresh_decodes = 0
         self.last_prompt_tokens = 0
+        # word timestamps of the committed text (opt-in): it keeps the audio they are aligned in
+        self.words = CommittedWords(self) if word_timestamps else None
 
     # -- audio ---------------------------------------------------------------------------------
     @property
@@ -179,11 +183,23 @@ class Utterance:
     def window_samples(self) -> int:
         return len(self._audio)
 
+    @property
+    def window_start_sample(self) -> int:
+        """Utterance sample index where the window starts (audio before it has left)."""
+        return self._window_start
+
+    @property
+    def decoded_samples(self) -> int:
+        """Utterance sample index the last decoded window reached: committed text lies before it."""
+        return self._decoded_until
+
     def add_audio(self, samples: np.ndarray) -> None:
         if self.finishing:
             raise RuntimeError("the utterance is finishing: no more audio")
         self._audio.append(samples)
         self._voiced.append(np.ones(len(samples), np.float32))  # speech until the VAD says otherwise
+        if self.words is not None:
+            self.words.add_audio(samples)
 
     def drop_pending(self) -> int:
         """Forget audio not yet part of any decoded window (``input_audio_buffer.clear``)."""
@@ -191,6 +207,8 @@ class Utterance:
         self._audio.drop_back(dropped)
         self._voiced.drop_back(dropped)
         self._vad_at = min(self._vad_at, self.received_samples)
+        if self.words is not None:
+            self.words.drop_back(dropped)
         return dropped
 
     # -- voice activity (optional: a session with a VAD feeds it) --------------------------------
@@ -717,6 +735,153 @@ class AudioBuffer:
         """The largest of samples ``[a, b)`` (clipped to the buffer; 0 when empty)."""
         a, b = max(0, a), min(len(self), b)
         return float(self._data[self._start + a:self._start + b].max()) if b > a else 0.0
+
+@dataclasses.dataclass(frozen=True)
+class WordJob:
+    """Committed text tokens to align in audio (``engine.AlignRequest``): ``audio`` is utterance
+    samples ``[start, start + len(audio))``; ``first`` the index of ``tokens[0]`` in
+    ``Utterance.tokens``; the first ``context`` tokens are the last word handed out (aligned again,
+    not handed out again); ``final``: every word of it is handed out (else the last one waits)."""
+
+    audio: np.ndarray
+    tokens: list[int]
+    start: int
+    first: int
+    context: int
+    final: bool
+
+
+class CommittedWords:
+    """Word timestamps of an utterance's committed text (the realtime ``word_timestamps``
+    extension), each word handed out once with times that never change.
+
+    Pure code, like :class:`Utterance`: :meth:`jobs` says what to align after a step (the caller
+    runs ``Engine.align`` on them), :meth:`take` turns the aligned words into the words to send.
+    The committed tokens not yet handed out are aligned, after the last word handed out (aligned
+    again from its start, as context), in the audio from that word's start to:
+
+    * the end of the stretch of audio that left the window with them, once they have all left
+      (``Utterance.stretches``): Whisper's own long-form alignment, a window ending at a segment
+      end; every word of them is handed out;
+    * else the end of the last decoded window; every word but the last is handed out (the last
+      one's end is the least sure, and a punctuation mark committed next would still join it).
+
+    The context matters: the alignment's path starts at its audio's first frame, so text aligned
+    from the end of the last word would begin there even when a pause follows that word.  Times
+    are utterance seconds, 10 ms apart, ordered and never overlapping.  The audio kept is what the
+    unsent words and the context may lie in.  ``max_tokens``: the most text tokens one alignment
+    takes (a full window's 224); a longer run, which committed text does not produce, is handed
+    out without words.
+    """
+
+    MAX_TOKENS = 224
+
+    def __init__(self, utterance: Utterance, max_tokens: int = MAX_TOKENS):
+        self._u = utterance
+        self.max_tokens = max_tokens
+        self._audio = AudioBuffer()  # utterance samples from self._start on
+        self._start = 0
+        self._sent = 0  # utterance tokens whose words were handed out
+        self._context = 0  # utterance token where the last word handed out begins
+        self._context_start = 0  # utterance sample where it begins
+        self._aligned = 0  # utterance tokens committed at the last alignment of the open text
+        self._last_end = 0.0  # end of the last word handed out (utterance seconds)
+        self._stretches = 0  # Utterance.stretches looked at
+        self._covered = 0  # text tokens that left the window with them
+        self._covered_end = 0  # utterance sample where the last of those stretches ends
+        self.skipped = 0  # tokens handed out without words (see max_tokens)
+
+    def add_audio(self, samples: np.ndarray) -> None:
+        self._audio.append(samples)
+
+    def drop_back(self, n: int) -> None:
+        self._audio.drop_back(n)
+
+    def _advance(self, sample: int) -> None:
+        """Forget the audio before utterance sample ``sample``."""
+        if sample > self._start:
+            self._audio.drop_front(min(sample, self._start + len(self._audio)) - self._start)
+            self._start = sample
+
+    def _job(self, first: int, last: int, end: int, final: bool, begin: int | None = None) -> WordJob | None:
+        """Tokens ``[first, last)`` in the audio up to utterance sample ``end``; ``begin``: where
+        their audio begins when they follow another job's text (then no context)."""
+        earliest = max(self._start, end - round(CHUNK_LENGTH * SAMPLE_RATE))  # at most a 30 s window
+        if begin is not None:
+            context, start = 0, max(begin, earliest)
+        elif self._context < first and self._context_start >= earliest:
+            context, start = first - self._context, self._context_start
+        else:
+            context, start = 0, earliest
+        tokens = list(self._u.tokens[first - context:last])
+        # a sliver of audio (a word placed past the cut the window later made): a little more
+        end = max(end, min(start + MIN_WORD_AUDIO, self._start + len(self._audio)))
+        if len(tokens) > self.max_tokens:
+            self.skipped += last - first
+            self._sent = self._context = last
+            self._advance(end)
+            self._context_start = self._start
+            return None
+        audio = self._audio.slice(start - self._start, max(start, end) - self._start)
+        return WordJob(audio, tokens, start, first - context, context, final)
+
+    def jobs(self) -> list[WordJob]:
+        """What to align now (none when no new text was committed and no text left the window)."""
+        u = self._u
+        total = len(u.tokens)
+        if self._sent >= total:  # keep the context's audio while it may still serve (see _job)
+            window = u.window_start_sample
+            self._advance(min(window, max(self._context_start, window - round(CHUNK_LENGTH * SAMPLE_RATE))))
+            return []
+        for stretch in u.stretches[self._stretches:]:  # text that left the window, and where its audio ends
+            if stretch.tokens:
+                self._covered += stretch.tokens
+                self._covered_end = round(stretch.end_s * SAMPLE_RATE)
+        self._stretches = len(u.stretches)
+        out = []
+        first, begin = self._sent, None
+        if self._covered > first:
+            job = self._job(first, self._covered, self._covered_end, True)
+            out += [job] if job is not None else []
+            first, begin = self._covered, self._covered_end
+        if total > first and (total > self._aligned or u.done):
+            self._aligned = total
+            job = self._job(first, total, u.decoded_samples, u.done, begin)
+            out += [job] if job is not None else []
+        return out
+
+    def take(self, jobs: Sequence[WordJob], aligned: Sequence) -> list:
+        """The words to hand out, from ``Engine.align``'s ``WindowWords`` of each of ``jobs``:
+        ``alignment.WordTiming`` in utterance seconds."""
+        from .alignment import WordTiming  # numpy only, no JAX
+
+        out = []
+        for job, window in zip(jobs, aligned):
+            timings, seen = [], 0
+            for t in window.timings:  # the context's words were handed out already
+                if seen >= job.context:
+                    timings.append(t)
+                seen += len(t.tokens)
+            if not job.final:
+                spoken = [i for i, t in enumerate(timings) if t.word]
+                timings = timings[:spoken[-1]] if spoken else []
+            offset = job.start / SAMPLE_RATE
+            sent = job.first + job.context
+            for t in timings:
+                if t.word:
+                    start = round(max(offset + t.start, self._last_end), 2)
+                    end = round(max(offset + t.end, start), 2)
+                    out.append(WordTiming(t.word, start, end, t.probability, list(t.tokens)))
+                    self._last_end = end
+                    self._context, self._context_start = sent, round(start * SAMPLE_RATE)
+                sent += len(t.tokens)
+            self._sent = sent
+            if job.final:
+                self._sent = job.first + len(job.tokens)
+        if out:
+            self._advance(self._context_start)
+        return out
+
 
 class _Alignment:
     """Where a fresh hypothesis's text meets the committed text, compared on letters and digits.

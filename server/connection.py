@@ -36,7 +36,7 @@ import numpy as np
 
 from jax_realtime.audio import SAMPLE_RATE, InputFormat, Leveller
 from jax_realtime.batcher import Busy, EngineError
-from jax_realtime.engine import DecodeRequest
+from jax_realtime.engine import AlignRequest, DecodeRequest
 from jax_realtime.streaming import AudioBuffer, Utterance
 from jax_realtime.tokenizer import MAX_PROMPT_CHARS
 from jax_realtime.vad import FRAME, THRESHOLD, TurnDetector, TurnSettings, VADBatcher, VADStream
@@ -55,6 +55,8 @@ CLOSE_TRY_AGAIN_LATER = 1013
 # 1008 rather than allowed to grow the server's memory.
 OUTBOX_LIMIT = 1000
 BUSY_RETRY_S = 0.05  # a realtime step the batcher could not queue is submitted again after this
+WORDS_OFF = ("word_timestamps: word-level timestamps are not enabled on this server (start it with "
+             "--word-timestamps or [engine] word_timestamps = true)")
 
 
 class State(enum.Enum):
@@ -75,8 +77,16 @@ class Turn:
     closed: bool = False  # its audio is complete (final, commit, or the silence after speech)
     announced: bool = False  # its deltas may be sent as they come (else held until it is committed)
     samples: int = 0  # audio it holds (16 kHz)
-    start_sample: int = 0  # where it starts in the session's audio (turn detection)
+    start_sample: int = 0  # where it starts in the session's audio
     end_sample: int = 0
+    # audio dropped from its utterance (vLLM's clear mid-utterance): (utterance sample, samples)
+    gaps: list = dataclasses.field(default_factory=list)
+    held_words: list | None = None  # words of text not announced yet (OpenAI's manual mode)
+
+    def session_seconds(self, t: float) -> float:
+        """Utterance seconds ``t`` as seconds of the session's audio (word timestamps)."""
+        shift = sum(n for at, n in self.gaps if t * SAMPLE_RATE >= at)
+        return round((self.start_sample + shift) / SAMPLE_RATE + t, 2)
 
 
 _turn_vad: VADBatcher | None = None
@@ -181,8 +191,14 @@ class RealtimeConnection:
             exc = p.ProtocolError(p.MODEL_NOT_VALIDATED)  # vLLM checks the session before the fields
         return exc.to_event()
 
-    def _emit_delta(self, turn: Turn, delta: str) -> None:
-        self.send(p.TranscriptionDelta(delta=delta))
+    def _wants_words(self) -> bool:
+        """The session asked for word timestamps (the ``word_timestamps`` extension)."""
+        return self.session is not None and self.session.word_timestamps
+
+    def _emit_delta(self, turn: Turn, delta: str, words: list[dict] | None) -> None:
+        """New committed text, and (``words`` not None: the session asked for them) the words
+        completed so far that no delta carried (each a dict of ``protocol.DeltaWord``'s fields)."""
+        self.send(p.TranscriptionDelta(delta=delta, words=None if words is None else [p.DeltaWord(**w) for w in words]))
 
     def _emit_partial(self, turn: Turn, utterance: Utterance) -> None:
         if self.session is not None and self.session.partials:  # opt-in extension ("" clears it)
@@ -361,6 +377,8 @@ class RealtimeConnection:
     def _update(self, event: p.SessionUpdate) -> None:
         if not self.service.serves(event.model):
             raise p.ProtocolError.model_not_found(event.model)
+        if event.word_timestamps and not self.service.engine.word_timestamps:
+            raise p.ProtocolError(p.PROCESSING_ERROR, WORDS_OFF)
         tokenizer = self.service.engine.tokenizer
         try:
             tokenizer.sot_sequence(event.language, event.task)  # validates language and task
@@ -410,10 +428,10 @@ class RealtimeConnection:
             self._heard.append(samples)
             self._heard_arrived.set()
             return
-        self._heard_start += len(samples)  # the session's sample count (the VAD's clock when it starts)
         turn = self._open_turn()
         if turn is None and self.audio_opens_turns:
             turn = self._new_turn()
+        self._heard_start += len(samples)  # the session's sample count (the VAD's clock when it starts)
         if turn is not None:
             self._turn_audio(turn, samples)
         else:
@@ -459,7 +477,10 @@ class RealtimeConnection:
             self.leveller.flush()  # the few samples it holds are cleared too
         self.input.flush()
         if self._utterance is not None and self.state is State.STREAMING:
-            self._utterance.drop_pending()
+            dropped = self._utterance.drop_pending()
+            if dropped:  # later audio of the utterance lies that much further on the session's clock
+                turn = next(t for t in self._turns if t.utterance is self._utterance)
+                turn.gaps.append((self._utterance.received_samples, dropped))
 
     def _clear_buffer(self) -> None:
         """OpenAI's ``input_audio_buffer.clear``: the audio not committed yet is dropped, the open
@@ -480,8 +501,14 @@ class RealtimeConnection:
         """The newest turn, if it still takes audio."""
         return self._turns[-1] if self._turns and not self._turns[-1].closed else None
 
+    def _session_samples(self) -> int:
+        """The session's audio so far, in samples (the clock of turns and word timestamps)."""
+        return self._heard_start + len(self._heard)
+
     def _new_turn(self, chunks=(), **fields) -> Turn:
-        """Open a turn (its utterance starts now, or when the one before it is done)."""
+        """Open a turn (its utterance starts now, or when the one before it is done); ``chunks``:
+        its first audio, the session's latest."""
+        fields.setdefault("start_sample", self._session_samples() - sum(len(chunk) for chunk in chunks))
         turn = Turn(**fields)
         self._turns.append(turn)
         for chunk in chunks:
@@ -503,7 +530,10 @@ class RealtimeConnection:
     def _close_turn(self, turn: Turn, flush: bool = False) -> None:
         """The turn's audio is complete; ``flush``: with what the resampler and leveller hold."""
         if flush:
-            self._turn_audio(turn, self._flush_input())
+            tail = self._flush_input()
+            if self.turn_detection is None:
+                self._heard_start += len(tail)
+            self._turn_audio(turn, tail)
         turn.closed = True
         self._emit_committed(turn)
         if turn.utterance is not None and turn.utterance is self._utterance and self.state is State.STREAMING:
@@ -543,8 +573,10 @@ class RealtimeConnection:
             if self._detect_task is not None:
                 self._detect_task.cancel()
                 self._detect_task = None
-            if len(rest) and self.audio_opens_turns:
-                self._turn_audio(self._open_turn() or self._new_turn(), rest)
+            if len(rest) and self.audio_opens_turns and self._open_turn() is not None:
+                self._turn_audio(self._open_turn(), rest)
+            elif len(rest) and self.audio_opens_turns:
+                self._new_turn([rest])
             elif len(rest):
                 self._queued.append(rest)
             return
@@ -707,7 +739,8 @@ class RealtimeConnection:
 
     def _start_turn(self, turn: Turn) -> None:
         engine = self.service.engine
-        utterance = Utterance(self.service.config.stream, engine.tokenizer, self.prompt_tokens)
+        utterance = Utterance(self.service.config.stream, engine.tokenizer, self.prompt_tokens,
+                              word_timestamps=self._wants_words())
         for chunk in turn.chunks:
             utterance.add_audio(chunk)
         turn.chunks = []
@@ -724,9 +757,32 @@ class RealtimeConnection:
         """The session's (language, task) for the next utterance."""
         return self.session.language, self.session.task
 
+    async def _words(self, turn: Turn, language: str | None, task: str) -> list[dict] | None:
+        """The word timestamps extension: the committed words not sent yet (see
+        ``streaming.CommittedWords``), aligned by the engine in the audio they were committed from,
+        in seconds of the session's audio; None when the utterance has no word timestamps.
+        ``language``: the session's, else the one the decodes detected (alignment needs one)."""
+        words = turn.utterance.words
+        if words is None:
+            return None
+        jobs = words.jobs()
+        if not jobs:
+            return []
+        aligned = await self.service.batcher.align([AlignRequest(job.audio, job.tokens, language, task)
+                                                    for job in jobs])
+        return [{"word": w.word.strip(), "start": turn.session_seconds(w.start), "end": turn.session_seconds(w.end),
+                 "probability": round(w.probability, 4)} for w in words.take(jobs, aligned)]
+
+    async def _send_words(self, turn: Turn, language: str | None, task: str) -> None:
+        """Words whose text left the window without a decode (silence the VAD heard, the end of an
+        utterance in silence): a delta with words only."""
+        if words := await self._words(turn, language, task):
+            self._emit_delta(turn, "", words)
+
     async def _drive(self, turn: Turn) -> None:
         utterance = turn.utterance
-        language, task = self._decoding()
+        session_language, task = self._decoding()
+        language = session_language  # else the language the decodes detect (word alignment needs one)
         started = time.monotonic()
         first_delta = True
         reported = 0  # utterance.stretches already looked at
@@ -741,11 +797,11 @@ class RealtimeConnection:
                 if not utterance.wants_decode(min_new):
                     # silence may just have left the window without a decode: that makes room too,
                     # and the reader (_wait_for_room) must hear of it or it never reads again
+                    self._audio_arrived.clear()  # before any await: audio (or final) may come meanwhile
                     self._room.set()
-                    if utterance.done:  # it ended in silence, without a decode
-                        continue
-                    self._audio_arrived.clear()
-                    await self._audio_arrived.wait()
+                    await self._send_words(turn, language, task)  # text that left the window with it
+                    if not utterance.done:  # (else it ended in silence, without a decode)
+                        await self._audio_arrived.wait()
                     continue
                 if not utterance.finishing:
                     await self._next_tick(utterance)
@@ -753,9 +809,10 @@ class RealtimeConnection:
                         await hearing.listen()
                     if not utterance.wants_decode(min_new):
                         self._room.set()
+                        await self._send_words(turn, language, task)
                         continue
                 window = utterance.next_window()
-                request = DecodeRequest(window.audio, language, task, timestamps=True,
+                request = DecodeRequest(window.audio, session_language, task, timestamps=True,
                                         prompt=window.prompt, prefix=window.prefix,
                                         max_new_tokens=window.max_new_tokens, temperature=window.temperature)
                 newest_audio = self._last_audio  # the window holds everything appended until now
@@ -763,6 +820,10 @@ class RealtimeConnection:
                 self._room.set()
                 delta = utterance.apply(window, result)
                 reported = self._report_stretches(utterance, reported)
+                words = None
+                if utterance.words is not None:
+                    language = language or result.language  # what the decode detected, for word alignment
+                    words = await self._words(turn, language, task)
                 if delta:
                     now = time.monotonic()
                     if first_delta:
@@ -770,7 +831,8 @@ class RealtimeConnection:
                         self.metrics.first_delta.observe(now - started)
                         first_delta = False
                     self.metrics.delta_latency.observe(now - newest_audio)
-                    self._emit_delta(turn, delta)
+                if delta or words:
+                    self._emit_delta(turn, delta, words)
                 self._emit_partial(turn, utterance)
             self._emit_done(turn, utterance)
             final_latency = time.monotonic() - self._finish_requested

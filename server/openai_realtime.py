@@ -21,6 +21,11 @@ event_id}}`` and leave the session open.  A turn is an *item*: committed by the 
 * Fallbacks (documented in the README): ``semantic_vad`` runs as ``server_vad`` with its defaults;
   ``noise_reduction`` is accepted and not applied (the effective session says ``null``);
   ``include: ["item.input_audio_transcription.logprobs"]`` is accepted, ``logprobs`` are ``null``.
+* Extension: ``word_timestamps: true`` in the session's transcription object (on a server with
+  word timestamps; echoed only when on) adds ``words: [{word, start, end, probability}]`` to every
+  delta: the committed words no delta carried before, in seconds of the session's audio, each sent
+  once (vLLM's ``word_timestamps``, ``connection.py``).  A field the SDK's models keep as an extra:
+  ``include`` would have to hold a value outside their types.
 """
 
 from __future__ import annotations
@@ -119,6 +124,7 @@ class OpenAIConnection(RealtimeConnection):
         self.format = "pcm24"
         self.input = InputFormat(self.format)
         self.include: list[str] | None = None
+        self.word_timestamps = False
         self._turn_config: TurnSettings | None = DEFAULT_TURNS
         self._turns_started = False
         self._last_item: str | None = None
@@ -141,6 +147,8 @@ class OpenAIConnection(RealtimeConnection):
                                           "prefix_padding_ms": td.prefix_padding_ms,
                                           "silence_duration_ms": td.silence_duration_ms}
         transcription = {"model": self.model, "language": self.language, "prompt": self.prompt}
+        if self.word_timestamps:
+            transcription["word_timestamps"] = True
         if self.beta:
             beta_format = {v: k for k, v in BETA_FORMATS.items()}[self.format]
             return {"id": self.session_id, "object": "realtime.transcription_session",
@@ -192,18 +200,27 @@ class OpenAIConnection(RealtimeConnection):
                               previous_item_id=turn.previous_item_id, item=self._item(turn, None)))
         if not turn.announced:  # manual mode: the text decoded before the commit, held until now
             turn.announced = True
-            if turn.utterance is not None and turn.utterance.text:
-                self._send_delta(turn, turn.utterance.text)
+            text = turn.utterance.text if turn.utterance is not None else ""
+            if text or turn.held_words:
+                self._send_delta(turn, text, turn.held_words)
+            turn.held_words = None
 
-    def _send_delta(self, turn: Turn, delta: str) -> None:
+    def _wants_words(self) -> bool:
+        return self.word_timestamps
+
+    def _send_delta(self, turn: Turn, delta: str, words: list[dict] | None) -> None:
         fields = {"item_id": turn.item_id, "content_index": 0, "delta": delta}
-        if self.include:
+        if LOGPROBS in (self.include or []):
             fields["logprobs"] = None
+        if words is not None:
+            fields["words"] = words
         self.send(self._event("conversation.item.input_audio_transcription.delta", **fields))
 
-    def _emit_delta(self, turn: Turn, delta: str) -> None:
+    def _emit_delta(self, turn: Turn, delta: str, words: list[dict] | None) -> None:
         if turn.announced:
-            self._send_delta(turn, delta)
+            self._send_delta(turn, delta, words)
+        elif words is not None:  # sent with the text at the commit
+            turn.held_words = (turn.held_words or []) + words
 
     def _emit_partial(self, turn: Turn, utterance) -> None:
         pass  # OpenAI's protocol has no unstable text
@@ -321,12 +338,17 @@ class OpenAIConnection(RealtimeConnection):
         if len(prompt) > MAX_PROMPT_CHARS:
             raise OpenAIError(f"Invalid '{changes['prompt_param']}': at most {MAX_PROMPT_CHARS} characters, "
                               f"not {len(prompt)}.", "string_above_max_length", changes["prompt_param"])
+        if changes.get("word_timestamps") and not self.service.engine.word_timestamps:
+            param = changes["language_param"].replace(".language", ".word_timestamps")
+            raise OpenAIError(f"Invalid '{param}': word-level timestamps are not enabled on this server (start "
+                              "it with --word-timestamps or [engine] word_timestamps = true).", "invalid_value", param)
         # everything checked: apply
         self.model, self.language, self.prompt = model, language, prompt
         tokenizer = self.service.engine.tokenizer
         self.prompt_tokens = tokenizer.encode(" " + prompt.strip()) if prompt.strip() else []
         if "include" in changes:
             self.include = changes["include"]
+        self.word_timestamps = changes.get("word_timestamps", self.word_timestamps)
         if changes.get("format", self.format) != self.format:
             self._route(self._flush_input())  # what the old format's resampler holds
             self.format = changes["format"]
@@ -404,6 +426,9 @@ class OpenAIConnection(RealtimeConnection):
             changes["language"] = language.strip().lower() or None if language is not None else None
         if "prompt" in tr:
             changes["prompt"] = _expect(tr, "prompt", f"{where}.prompt", str, "a string") or ""
+        if "word_timestamps" in tr:  # the extension
+            changes["word_timestamps"] = bool(_expect(tr, "word_timestamps", f"{where}.word_timestamps", bool,
+                                                      "a boolean"))
 
     @staticmethod
     def _turn_detection(value, where: str) -> TurnSettings | None:

@@ -22,7 +22,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_serializer
 
 __all__ = [
     "ErrorCode",
@@ -228,6 +228,9 @@ class SessionUpdate(_ClientEventBase):
     # becomes one utterance, ended by the silence after it (one ``transcription.done`` per turn);
     # no commit is needed.  ``null`` (the default): turns are the client's commits, as in vLLM.
     turn_detection: ServerVAD | None = None
+    # Extension, opt-in: ``transcription.delta`` carries the committed words with their times
+    # (the server must have word timestamps enabled: ``[engine] word_timestamps = true``).
+    word_timestamps: bool = False
 
 
 class InputAudioBufferAppend(_ClientEventBase):
@@ -407,18 +410,45 @@ class SessionUpdated(_ServerEventBase):
     task: Literal["transcribe", "translate"]
     partials: bool = False
     turn_detection: ServerVAD | None = None  # echoed only when set (see dump)
+    word_timestamps: bool = False
 
     @classmethod
     def from_update(cls, update: SessionUpdate) -> SessionUpdated:
         return cls(
             model=update.model, language=update.language, prompt=update.prompt, task=update.task,
             partials=update.partials, turn_detection=update.turn_detection,
+            word_timestamps=update.word_timestamps,
         )
 
 
+class DeltaWord(_ServerEventBase):
+    """A committed word (REST's ``verbose_json`` words): its text without the leading space, and
+    its start and end in seconds of the session's audio (from the first sample it sent)."""
+
+    word: str
+    start: float
+    end: float
+    probability: float
+
+
 class TranscriptionDelta(_ServerEventBase):
+    """``words`` (extension, only after ``session.update`` with ``word_timestamps: true``): the
+    words completed by the text committed so far that no earlier delta carried, each sent once,
+    its times final.  A word is sent once the next word has begun (a trailing punctuation mark
+    may still join it until then), or when the audio it lies in has left the decoding window, or
+    at the end of the utterance; so the words lag the text by a word or so, and a delta may carry
+    words only (``delta: ""``).  The key is absent without the extension."""
+
     type: Literal["transcription.delta"] = "transcription.delta"
     delta: str
+    words: list[DeltaWord] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_words(self, handler):
+        out = handler(self)
+        if out.get("words", ...) is None:
+            del out["words"]
+        return out
 
 
 class TranscriptionPartial(_ServerEventBase):

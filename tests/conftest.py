@@ -36,6 +36,55 @@ def load_clip(ref: dict) -> np.ndarray:
     return decode_audio(DATA / ref["wav"])
 
 
+def check_stream_words(words: list[dict], text: str, reference: list[tuple[str, float, float]], offset: float,
+                       duration: float, worst: float = 0.4,
+                       reference_offset: float | None = None) -> tuple[float, float, float]:
+    """The words a realtime session sent for one utterance (``{word, start, end, probability}`` in
+    seconds of the session's audio), whose audio starts at ``offset`` and lasts ``duration``:
+    together they are its ``text``, each once and in order, inside its audio, not overlapping; the
+    words they share with ``reference`` (faster-whisper's words of the same audio, from 0; or of
+    the audio that starts at ``reference_offset`` in the session) start and end within 50 ms of it
+    at the median and ``worst`` at most.  Returns the medians and the largest difference, in seconds.
+
+    Words are shared when they are equal but for case and punctuation (at least 80 % of the
+    reference's), and their times compared only where the word before them is shared too and
+    both or neither end in punctuation: Whisper's alignment of the same audio with different text
+    places a word after the difference differently (e.g. "perfection and" takes the pause that
+    "perfection, and" gives the comma; the offline alignment of the streamed text does the same),
+    so there the two texts, not the timing, disagree."""
+    import difflib
+
+    assert all(set(w) == {"word", "start", "end", "probability"} for w in words), words
+    assert " ".join(w["word"] for w in words) == " ".join(text.split()), (words, text)
+    # (times are rounded to 10 ms)
+    assert all(offset - 0.01 <= w["start"] <= w["end"] <= offset + duration + 0.01 for w in words), (offset, words)
+    assert all(a["end"] <= b["start"] for a, b in zip(words, words[1:])), words
+    shift = offset if reference_offset is None else reference_offset
+    def bare(word: str) -> str:
+        return "".join(c for c in word.lower() if c.isalnum())
+
+    def same_before(i: int, j: int) -> bool:
+        if i == 0 or j == 0:
+            return i == j
+        a, b = mine[i - 1][0], reference[j - 1][0]
+        return bare(a) == bare(b) and a[-1].isalnum() == b[-1].isalnum()
+
+    mine = [(w["word"], w["start"] - shift, w["end"] - shift) for w in words]
+    matcher = difflib.SequenceMatcher(a=[bare(w) for w, _, _ in mine], b=[bare(w) for w, _, _ in reference],
+                                      autojunk=False)
+    shared = [(block.a + k, block.b + k) for block in matcher.get_matching_blocks() for k in range(block.size)]
+    assert len(shared) >= 0.8 * len(reference), f"sent: {[w['word'] for w in words]}\nreference: {reference}"
+    pairs = [(mine[i], reference[j]) for i, j in shared if same_before(i, j)]
+    gaps = np.array([[abs(x[1] - y[1]), abs(x[2] - y[2])] for x, y in pairs])
+    medians = float(np.median(gaps[:, 0])), float(np.median(gaps[:, 1]))
+    print(f"{len(pairs)}/{len(reference)} words matched; |start|, |end| differences: median "
+          f"{medians[0] * 1000:.0f}/{medians[1] * 1000:.0f} ms, max {gaps.max() * 1000:.0f} ms")
+    far = [(x, y) for x, y in pairs if max(abs(x[1] - y[1]), abs(x[2] - y[2])) > worst]
+    assert max(medians) <= 0.05 and not far, (f"far: {far}\nsent: {[(w['word'], w['start'], w['end']) for w in words]}"
+                                              f"\nreference: {reference}")
+    return medians[0], medians[1], float(gaps.max())
+
+
 @pytest.fixture(scope="session")
 def engine_config():
     from jax_realtime.config import EngineConfig

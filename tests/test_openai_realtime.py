@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import soxr
 
-from conftest import TEST_BUCKETS, load_clip, load_refs
+from conftest import TEST_BUCKETS, check_stream_words, load_clip, load_refs
 from jax_realtime.audio import ALAW_TABLE, ULAW_TABLE
 from jax_realtime.evaluation import wer
 from realtime_client import RealtimeClient, ServerProcess, run, to_pcm16
@@ -52,6 +52,20 @@ def ref(clip_id: str) -> str:
     return _REFS[clip_id]["text"]
 
 
+@functools.cache
+def reference_words(clip_id: str) -> list[tuple[str, float, float]]:
+    """faster-whisper's word timestamps of a clip (tiny.en, greedy): the independent reference."""
+    from compare_word_timestamps import faster_whisper, faster_whisper_model
+
+    return faster_whisper(faster_whisper_model(), [clip(clip_id)])[0][0]
+
+
+def delta_words(deltas) -> list[dict]:
+    """The ``words`` the deltas carried (the extension: a key every delta of the session has)."""
+    assert all("words" in e.to_dict() for e in deltas), deltas
+    return [w for e in deltas for w in e.to_dict()["words"]]
+
+
 def pcm24(audio: np.ndarray) -> bytes:
     return to_pcm16(soxr.resample(audio, 16000, 24000).astype(np.float32))
 
@@ -75,7 +89,8 @@ def b64(data: bytes) -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("openai")
-    lines = ["[engine]", 'model = "tiny.en"'] + [f"{k} = {json.dumps(list(v))}" for k, v in TEST_BUCKETS.items()]
+    lines = ["[engine]", 'model = "tiny.en"', "word_timestamps = true"]
+    lines += [f"{k} = {json.dumps(list(v))}" for k, v in TEST_BUCKETS.items()]
     lines += ["", "[server]", "admission_control = false"]
     config = tmp / "serve.toml"
     config.write_text("\n".join(lines) + "\n")
@@ -121,7 +136,9 @@ def test_ga_server_vad_turns(server):
     """Three clips with 1.5 s of silence between them, streamed at real time in 24 kHz PCM:
     speech_started/speech_stopped/committed per clip with one item id, deltas (some during the
     turn, before its speech_stopped) then ``completed`` equal to their join, items chained by
-    ``previous_item_id``, and the turns' WER within 1 point of the offline transcripts."""
+    ``previous_item_id``, and the turns' WER within 1 point of the offline transcripts.  The session
+    asks for word timestamps (an extension): the deltas' words, in seconds of the session's audio,
+    are each turn's text, inside its clip, and within 50 ms (median) of faster-whisper's."""
     gap = np.zeros(round(GAP_S * 16000), np.float32)
     recording = np.concatenate([gap[:8000]] + [x for c in TURN_CLIPS for x in (clip(c), gap)])
 
@@ -134,10 +151,11 @@ def test_ga_server_vad_turns(server):
             assert created.session.audio.input.turn_detection.type == "server_vad"  # OpenAI's default
             await conn.session.update(session={"type": "transcription", "audio": {"input": {
                 "format": {"type": "audio/pcm", "rate": 24000},
-                "transcription": {"model": "tiny.en", "language": "en"},
+                "transcription": {"model": "tiny.en", "language": "en", "word_timestamps": True},
                 "turn_detection": {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
                                    "silence_duration_ms": 500}}}})
             updated = await until(conn, "session.updated")
+            assert updated.session.audio.input.transcription.to_dict()["word_timestamps"] is True
             assert type(updated.session).__name__ == "RealtimeTranscriptionSessionCreateRequest", updated
             sender = asyncio.create_task(append(conn, pcm24(recording), 4800, 0.1))  # real time, as a microphone
             for _ in TURN_CLIPS:
@@ -182,6 +200,9 @@ def test_ga_server_vad_turns(server):
         during += any(i < stop_at for i, _ in deltas)
         done = next(e for _, e in mine if e.type == "conversation.item.done")
         assert done.item.content[0].transcript == completed[n].transcript
+        words = delta_words([e for _, e in mine if e.type == f"{TRANSCRIPTION}.delta"])
+        check_stream_words(words, completed[n].transcript, reference_words(TURN_CLIPS[n]), start.audio_start_ms / 1000,
+                           (stop.audio_end_ms - start.audio_start_ms) / 1000, reference_offset=clip_start / 1000)
     assert during >= 1, ("no delta arrived while a turn was being spoken", kinds)
 
     offline = [transcribe_rest(server, clip(c)) for c in TURN_CLIPS]
@@ -317,7 +338,8 @@ def test_bad_events_get_openai_errors_and_the_session_goes_on(server):
 
 def test_beta_transcription_session(server):
     """``client.beta.realtime.connect``: transcription_session.created/updated, pcm16 (24 kHz) with
-    manual commits, conversation.item.created, deltas and completed."""
+    manual commits, conversation.item.created, deltas and completed; the word timestamps extension
+    (held with the text until the commit)."""
     audio = clip("ljspeech-LJ001-0008")
 
     async def session():
@@ -327,7 +349,8 @@ def test_beta_transcription_session(server):
             assert created.type == "transcription_session.created", created
             await conn.transcription_session.update(session={
                 "input_audio_format": "pcm16", "turn_detection": None,
-                "input_audio_transcription": {"model": "tiny.en", "language": "en", "prompt": ""},
+                "input_audio_transcription": {"model": "tiny.en", "language": "en", "prompt": "",
+                                              "word_timestamps": True},
                 "input_audio_noise_reduction": {"type": "near_field"}})
             updated = await until(conn, "transcription_session.updated")
             assert updated.session.input_audio_format == "pcm16" and updated.session.turn_detection is None
@@ -337,11 +360,14 @@ def test_beta_transcription_session(server):
             done = await until(conn, f"{TRANSCRIPTION}.completed", events)
             kinds = [e.type for e in events]
             assert kinds[:2] == ["input_audio_buffer.committed", "conversation.item.created"], kinds
-            assert "".join(e.delta for e in events if e.type == f"{TRANSCRIPTION}.delta") == done.transcript
-            return done.transcript
+            deltas = [e for e in events if e.type == f"{TRANSCRIPTION}.delta"]
+            assert "".join(e.delta for e in deltas) == done.transcript
+            return done.transcript, delta_words(deltas)
 
-    text = run(session(), timeout=120)
+    text, words = run(session(), timeout=120)
     assert wer([ref("ljspeech-LJ001-0008")], [text]) <= 20, text
+    # manual mode: the words of the text decoded before the commit come with it, then the rest
+    check_stream_words(words, text, reference_words("ljspeech-LJ001-0008"), 0.0, len(audio) / 16000)
 
 
 def test_ga_on_the_bare_path(server):

@@ -297,3 +297,12 @@ def test_ga_client_on_the_bare_path(tiny_tokenizer):
     assert [e["type"] for e in events] == ["session.created", "session.created", "session.updated"]
     assert "session" not in events[0] and events[1]["session"]["type"] == "transcription"
     assert events[2]["session"]["audio"]["input"]["turn_detection"] is None
+
+
+def test_turn_clock_counts_audio_dropped_from_an_utterance():
+    """Word times are seconds of the session's audio: a turn's own start, plus the audio vLLM's
+    ``clear`` dropped from its utterance before the time in question."""
+    from server.connection import Turn
+
+    turn = Turn(start_sample=32000, gaps=[(16000, 8000)])  # 2 s in; 0.5 s dropped at its 1 s
+    assert [turn.session_seconds(t) for t in (0.0, 0.5, 1.0, 1.5)] == [2.0, 2.5, 3.5, 4.0]

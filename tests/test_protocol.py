@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from server.protocol import (
     MAX_MESSAGE_CHARS,
+    DeltaWord,
     MESSAGES,
     ErrorCode,
     ErrorEvent,
@@ -273,7 +274,7 @@ def test_extra_keys_are_accepted_and_ignored():
     }))
     assert event.model_dump() == {
         "type": "session.update", "model": "m", "language": None, "prompt": None, "task": "transcribe",
-        "partials": False, "turn_detection": None,
+        "partials": False, "turn_detection": None, "word_timestamps": False,
     }
     assert parse_client_event('{"type": "input_audio_buffer.clear", "event_id": "e"}') == InputAudioBufferClear()
 
@@ -392,13 +393,15 @@ def test_session_updated_json():
     event = SessionUpdated(model="tiny.en", language=None, prompt=None, task="transcribe")
     assert dump(event) == (
         '{"type":"session.updated","model":"tiny.en","language":null,"prompt":null,"task":"transcribe",'
-        '"partials":false}'
+        '"partials":false,"word_timestamps":false}'
     )
     update = parse_client_event(
-        '{"type":"session.update","model":"m","language":"fr","prompt":"p","task":"translate","partials":true}'
+        '{"type":"session.update","model":"m","language":"fr","prompt":"p","task":"translate","partials":true,'
+        '"word_timestamps":true}'
     )
     assert dump(SessionUpdated.from_update(update)) == (
-        '{"type":"session.updated","model":"m","language":"fr","prompt":"p","task":"translate","partials":true}'
+        '{"type":"session.updated","model":"m","language":"fr","prompt":"p","task":"translate","partials":true,'
+        '"word_timestamps":true}'
     )
 
 
@@ -410,6 +413,12 @@ def test_transcription_partial_json():
 def test_transcription_delta_json():
     assert dump(TranscriptionDelta(delta=" Hello")) == '{"type":"transcription.delta","delta":" Hello"}'
     assert dump(TranscriptionDelta(delta="")) == '{"type":"transcription.delta","delta":""}'
+    # the word_timestamps extension: words (possibly none) only when asked for
+    word = DeltaWord(word="Hello", start=0.52, end=0.9, probability=0.8712)
+    assert dump(TranscriptionDelta(delta=" Hello", words=[word])) == (
+        '{"type":"transcription.delta","delta":" Hello",'
+        '"words":[{"word":"Hello","start":0.52,"end":0.9,"probability":0.8712}]}')
+    assert dump(TranscriptionDelta(delta=" Hello", words=[])) == '{"type":"transcription.delta","delta":" Hello","words":[]}'
 
 
 def test_transcription_done_json_and_usage_key_order():

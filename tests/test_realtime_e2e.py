@@ -3,7 +3,8 @@
 No mocks. Three servers, each a child process on real tiny.en weights with the small test buckets
 (the default cache directory, so compiled programs are reused across runs):
 
-* ``server``: ``jax-realtime serve --config <toml> --port <free>``, default limits; most tests.
+* ``server``: ``jax-realtime serve --config <toml> --port <free>``, default limits, word
+  timestamps compiled (``[engine] word_timestamps = true``: sessions opt in); most tests.
 * ``tight``: the same command with max_sessions 2, idle_timeout_s 3, max_buffer_s 3,
   max_message_bytes 32000 (1 s of audio): capacity, idle timeout, buffer and size limits.
 * Hypercorn on ``server.app:create_app()`` with ``$JAX_REALTIME_CONFIG`` (one smoke test that owns
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, TEST_BUCKETS, load_clip, load_refs
+from conftest import ROOT, TEST_BUCKETS, check_stream_words, load_clip, load_refs
 from jax_realtime.evaluation import normalize, wer
 from realtime_client import (
     BYTES_PER_SECOND,
@@ -87,22 +88,22 @@ def assert_transcribes(clip_ids: list[str], texts: list[str], bound: float) -> f
 # ------------------------------------------------------------------------------------- servers
 
 
-def write_config(path: Path, **server) -> Path:
-    """A service config with the test buckets and ``[server]`` overrides."""
+def write_config(path: Path, engine: dict | None = None, **server) -> Path:
+    """A service config with the test buckets, ``[engine]`` and ``[server]`` overrides."""
     def toml(value):
         return json.dumps(list(value)) if isinstance(value, (tuple, list)) else json.dumps(value)
 
     lines = ["[engine]", 'model = "tiny.en"']
-    lines += [f"{key} = {toml(value)}" for key, value in TEST_BUCKETS.items()]
+    lines += [f"{key} = {toml(value)}" for key, value in {**TEST_BUCKETS, **(engine or {})}.items()]
     lines += ["", "[server]"] + [f"{key} = {toml(value)}" for key, value in server.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def start_serve(tmp: Path, name: str, **server) -> ServerProcess:
+def start_serve(tmp: Path, name: str, engine: dict | None = None, **server) -> ServerProcess:
     # admission by measured load is off unless a test turns it on: these servers share two cores
     # with the test process, and what they test is a fixed max_sessions
-    config = write_config(tmp / f"{name}.toml", **{"admission_control": False, **server})
+    config = write_config(tmp / f"{name}.toml", engine, **{"admission_control": False, **server})
     proc = ServerProcess.serve(config, name=name, log_path=tmp / f"{name}.log", startup_timeout=STARTUP_TIMEOUT)
     proc.start()
     _STARTED.append(proc)
@@ -111,7 +112,7 @@ def start_serve(tmp: Path, name: str, **server) -> ServerProcess:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc = start_serve(tmp_path_factory.mktemp("serve"), "serve")
+    proc = start_serve(tmp_path_factory.mktemp("serve"), "serve", engine={"word_timestamps": True})
     yield proc
     proc.stop()
 
@@ -369,12 +370,14 @@ def test_session_created_and_updated_fields(check_server):
             # nulls are sent, not omitted; type first
             assert raw.startswith('{"type":"session.updated"'), raw
             assert json.loads(raw) == {"type": "session.updated", "model": "tiny.en", "language": None,
-                                       "prompt": None, "task": "transcribe", "partials": False}
+                                       "prompt": None, "task": "transcribe", "partials": False,
+                                       "word_timestamps": False}
             assert '"language":null' in raw.replace(" ", "") and '"prompt":null' in raw.replace(" ", "")
             for alias in ("whisper-tiny.en", "openai/whisper-tiny.en"):
                 updated = await c.update(alias, language="en", prompt="Printing.", task="transcribe")
                 assert updated == {"type": "session.updated", "model": alias, "language": "en",
-                                   "prompt": "Printing.", "task": "transcribe", "partials": False}
+                                   "prompt": "Printing.", "task": "transcribe", "partials": False,
+                                   "word_timestamps": False}
         async with await RealtimeClient.connect(check_server.ws_url) as other:
             assert other.created["id"] != created["id"]
 
@@ -535,6 +538,81 @@ def test_partials_extension_is_opt_in(check_server):
             assert_transcribes([SHORT], [check_done(deltas, done)], bound=30.0)
 
     run(main())
+
+
+async def utterance_events(c: RealtimeClient, pcm: bytes, chunk_s: float = 0.1, interval: float = 0.05) -> list[dict]:
+    """One utterance streamed (commit, appends, final): every event up to and including ``done``."""
+    events: list[dict] = []
+
+    async def read():
+        while (event := await c.recv(120))["type"] != "transcription.done":
+            assert event["type"] == "transcription.delta", event
+            events.append(event)
+        events.append(event)
+
+    reader = asyncio.create_task(read())
+    await c.commit()
+    await c.stream(pcm, chunk_s=chunk_s, interval=interval)
+    await c.commit(final=True)
+    await asyncio.wait_for(reader, 120)
+    return events
+
+
+def faster_whisper_words(clips: list[np.ndarray]) -> list[list[tuple[str, float, float]]]:
+    """The independent reference: faster-whisper's word_timestamps=True on the same tiny.en
+    weights (greedy, CPU float32), through scripts/compare_word_timestamps.py."""
+    from compare_word_timestamps import faster_whisper, faster_whisper_model
+
+    return faster_whisper(faster_whisper_model(), clips)[0]
+
+
+def test_word_timestamps_extension_sends_committed_words_once(check_server, check_tight):
+    """``session.update`` with ``word_timestamps: true`` (an extension): every delta carries
+    ``words``, the committed words not sent before, once each, in stream time (seconds from the
+    session's first sample, across utterances).  Checked against faster-whisper's word timestamps
+    of the same audio: the words the two share (difflib) start and end within 50 ms at the median
+    and 0.4 s at worst (two runs: start/end medians 20/20 ms on the first utterance, 5-15 ms on the
+    second; the largest difference 260 ms).  The silence around the speech (1.5 s before the clip,
+    2 s after it, which the VAD lets leave without a decode) is covered by no word, and the last
+    words still go out.  Off by default: a plain session's deltas have no ``words``; a server
+    without word timestamps refuses the field."""
+
+    silence = np.zeros(round(1.5 * 16000), np.float32)
+    first = np.concatenate([silence, load_clip(_REFS[LONG]), np.zeros(2 * 16000, np.float32)])
+    second = load_clip(_REFS[SHORT])
+
+    async def main():
+        async with await session(check_server) as c:
+            assert (await c.update("tiny.en", word_timestamps=True))["word_timestamps"] is True
+            one = await utterance_events(c, to_pcm16(first))
+            two = await utterance_events(c, to_pcm16(second))
+        async with await session(check_server) as plain:
+            plain_events = await utterance_events(plain, audio(SHORT))
+        async with await session(check_tight) as refused:
+            await refused.send("session.update", model="tiny.en", word_timestamps=True)
+            error = await refused.expect_error("processing_error")
+            assert "word" in error["error"], error
+            await still_usable(refused)
+        return one, two, plain_events
+
+    one, two, plain_events = run(main())
+    assert all(set(e) == {"type", "delta"} for e in plain_events[:-1]), plain_events
+    check_done([e["delta"] for e in plain_events[:-1]], plain_events[-1])
+
+    reference = faster_whisper_words([first, second])
+    offset = len(first) / 16000  # the second utterance starts where the first one's audio ended
+    sent: list[dict] = []
+    for events, ref, start, duration in ((one, reference[0], 0.0, len(first) / 16000),
+                                         (two, reference[1], offset, len(second) / 16000)):
+        deltas, done = events[:-1], events[-1]
+        text = check_done([e["delta"] for e in deltas], done)
+        assert all(set(e) == {"type", "delta", "words"} for e in deltas), deltas
+        words = [w for e in deltas for w in e["words"]]
+        check_stream_words(words, text, ref, start, duration)
+        if start == 0.0:  # the silence before and after the speech holds no word
+            assert words[0]["start"] >= 1.3 and words[-1]["end"] <= duration - 1.5, (words[:2], words[-2:])
+        sent += words
+    assert all(a["end"] <= b["start"] for a, b in zip(sent, sent[1:]))
 
 
 def test_disconnect_mid_utterance_frees_the_session(check_server):
