@@ -39,7 +39,7 @@ def _engine(args):
 
 
 def _options(args):
-    from .transcribe import TranscribeOptions
+    from .longform import TranscribeOptions
 
     batch = args.output_dir is not None  # srt and vtt need timestamps
     return TranscribeOptions(args.language, args.task, args.timestamps or batch, args.prompt, strategy=args.strategy,
@@ -65,7 +65,8 @@ def cmd_transcribe(args) -> int:
         return 2
     if args.output_dir is not None:
         return _transcribe_to_files(args, items)
-    from .transcribe import check_options, transcribe_files
+    from .longform import check_options
+    from .transcribe import transcribe_files
 
     engine = _engine(args)
     options = _options(args)
@@ -102,7 +103,7 @@ def cmd_transcribe(args) -> int:
 
 def _transcribe_to_files(args, items) -> int:
     from . import batch
-    from .transcribe import check_options
+    from .longform import check_options
 
     extensions = [e.strip() for e in args.formats.split(",") if e.strip()]
     unknown = [e for e in extensions if e not in batch.OUTPUT_FORMATS]
@@ -144,7 +145,7 @@ def add_transcribe_arguments(t: argparse.ArgumentParser, output_dir_required: bo
     t.add_argument("--timestamps", action="store_true", help="decode with timestamps and print segments")
     t.add_argument("--prompt", help="text that conditions the decoder (names, spelling, style)")
     t.add_argument("--strategy", choices=["seek", "chunked"], default="seek",
-                   help="how audio longer than 30 s is stitched (see jax_realtime/transcribe.py)")
+                   help="how audio longer than 30 s is stitched (see jax_realtime/longform.py)")
     t.add_argument("--format", choices=["text", "json", "jsonl"], default="text",
                    help="what is printed without --output-dir")
     t.add_argument("-o", "--output-dir", required=output_dir_required,

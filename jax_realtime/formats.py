@@ -12,7 +12,8 @@ import json
 import math
 
 from .tokenizer import LANGUAGES
-from .transcribe import Transcript, word_dict
+from .longform import Transcript
+from .transcribe import word_dict
 
 FORMATS = ("text", "json", "verbose_json", "srt", "vtt")
 

@@ -1,4 +1,4 @@
-"""Whisper's decision thresholds, defined once: the long-form loop (``transcribe.py``), the streaming
+"""Whisper's decision thresholds, defined once: the long-form loop (``longform.py``), the streaming
 policy (``config.StreamConfig``, ``streaming.py``), the engine's window fallback (``engine.py``) and
 decoding (``decoding.py``) all take them from here.  No imports: the config module needs them too.
 """

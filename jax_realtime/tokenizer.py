@@ -100,6 +100,12 @@ class WhisperTokenizer:
         """Text to token ids, without any special token."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_prompt(self, text: str | None) -> list[int]:
+        """A previous-text prompt (``initial_prompt``, a session's ``prompt``) as Whisper encodes
+        it: the stripped text after one space; none for no text or blank text."""
+        text = (text or "").strip()
+        return self.encode(" " + text) if text else []
+
     def decode(self, ids) -> str:
         """Text of the ids; special and timestamp tokens are left out."""
         return self._tok.decode([int(i) for i in ids if int(i) < self.eot])

@@ -34,11 +34,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # harness
 
 import numpy as np  # noqa: E402
 
 from jax_realtime.audio import SAMPLE_RATE, decode_audio  # noqa: E402
-from jax_realtime.evaluation import load_refs, word_errors  # noqa: E402
+from harness.evaluation import load_refs, word_errors  # noqa: E402
 
 DEFAULT_REFS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "eval", "refs.jsonl")
 SYSTEMS = ("jax", "faster-whisper", "faster-whisper-batched")
@@ -65,7 +66,8 @@ def workloads(args) -> list[dict]:
 def run_jax(args, work: list[dict]) -> list[dict]:
     from jax_realtime.config import EngineConfig
     from jax_realtime.engine import Engine
-    from jax_realtime.transcribe import TranscribeOptions, default_rows, run_jobs
+    from jax_realtime.longform import TranscribeOptions
+    from jax_realtime.transcribe import default_rows, run_jobs
 
     engine = Engine(EngineConfig(model=args.model, dtype=args.dtype))
     started = time.perf_counter()

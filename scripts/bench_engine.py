@@ -39,9 +39,10 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # harness
 
 from jax_realtime.audio import SAMPLE_RATE, decode_audio  # noqa: E402
-from jax_realtime.evaluation import load_refs, score  # noqa: E402
+from harness.evaluation import load_refs, score  # noqa: E402
 
 DEFAULT_REFS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "eval", "refs.jsonl")
 

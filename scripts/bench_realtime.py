@@ -27,7 +27,7 @@ once), and both servers' rows are printed side by side.
 Each client streams its audio at real-time pace as ONE utterance.  Our server: ``session.update``,
 ``commit``, 100 ms appends (chunk k sent at t0 + k * 0.1 s, on an absolute schedule so the pace does
 not drift), ``commit`` with ``final: true`` right after the last append, then wait for
-``transcription.done`` (``realtime_client.stream_audio``).  WhisperLive: its own protocol, the same
+``transcription.done`` (``harness.realtime_client.stream_audio``).  WhisperLive: its own protocol, the same
 100 ms chunks on the same schedule (``whisperlive_peer.stream_whisperlive``, float32 frames, settle
 mode: see "final latency").  Start patterns: ``together``, every client at once; ``staggered``,
 client i starts ``i * stagger / N`` s after the first.  Stagger 10 s (the default in --full-stream):
@@ -50,7 +50,7 @@ Definitions (all times on this process's monotonic clock, taken when the event l
   word's last character / length of the clip's reference text); the delta that carries a
   hypothesis word is the one holding its last letter or digit.  Hypothesis words are aligned to
   reference words with jiwer's word alignment after Whisper's English normaliser
-  (``jax_realtime.evaluation.normalize``, applied word by word on both sides so that each
+  (``harness.evaluation.normalize``, applied word by word on both sides so that each
   normalised word keeps its raw word's time); matched and substituted words are timed, deleted
   words are not (``timed`` / ``words``).  The interpolation ignores pauses, so single lags can be
   off by a few hundred ms either way (even negative); percentiles over hundreds of words are what
@@ -71,7 +71,7 @@ Definitions (all times on this process's monotonic clock, taken when the event l
   WhisperLive client can know its text is final (the idle wait that confirms it is not counted), 0
   if nothing changed after the last chunk.
 * **WER**: each session's ``done`` text against its stream's references joined by spaces, both
-  normalised (``jax_realtime.evaluation``); pooled = errors / reference words over the sessions
+  normalised (``harness.evaluation``); pooled = errors / reference words over the sessions
   (in --full-stream, over the admitted sessions; an admitted session with no ``done`` is scored on
   its deltas).
 * **audio lost** (--full-stream): the seconds of reference clips whose words are missing from the
@@ -117,10 +117,11 @@ import urllib.request
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # the test harness (tests/harness)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from realtime_client import (  # noqa: E402
+from harness.realtime_client import (  # noqa: E402
     ClipSpan,
     ServerProcess,
     StreamError,
@@ -136,7 +137,7 @@ from realtime_client import (  # noqa: E402
 )
 
 from jax_realtime.audio import decode_audio  # noqa: E402
-from jax_realtime.evaluation import load_refs, normalize, word_errors  # noqa: E402
+from harness.evaluation import load_refs, normalize, word_errors  # noqa: E402
 
 DEFAULT_REFS = os.path.join(HERE, "..", "..", "shared", "eval", "refs.jsonl")
 DEFAULT_CONFIG = os.path.join(HERE, "..", "configs", "cpu-tiny.toml")

@@ -33,9 +33,10 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # harness
 
 from jax_realtime.audio import SAMPLE_RATE, decode_audio  # noqa: E402
-from jax_realtime.evaluation import load_refs  # noqa: E402
+from harness.evaluation import load_refs  # noqa: E402
 
 DEFAULT_REFS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "eval", "refs.jsonl")
 
@@ -55,7 +56,8 @@ def main() -> int:
 
     from jax_realtime.config import EngineConfig
     from jax_realtime.engine import DecodeRequest, Engine, compile_stats
-    from jax_realtime.transcribe import TranscribeOptions, transcribe_batch
+    from jax_realtime.longform import TranscribeOptions
+    from jax_realtime.transcribe import transcribe_batch
 
     refs = load_refs(args.refs, "en")
     if args.limit:

@@ -39,9 +39,10 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # harness
 
 from jax_realtime.audio import SAMPLE_RATE, decode_audio  # noqa: E402
-from jax_realtime.evaluation import load_refs  # noqa: E402
+from harness.evaluation import load_refs  # noqa: E402
 
 DEFAULT_REFS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "eval", "refs.jsonl")
 
@@ -58,7 +59,8 @@ def make_engine(windows: list[float], batch: int, buckets: dict | None = None):
 
 def transcribe_words(engine, audio: list[np.ndarray]) -> list[list[tuple[str, float, float]]]:
     """This engine's words of each clip (long-form loop, greedy with fallback, English)."""
-    from jax_realtime.transcribe import TranscribeOptions, transcribe_batch
+    from jax_realtime.longform import TranscribeOptions
+    from jax_realtime.transcribe import transcribe_batch
 
     transcripts = transcribe_batch(engine, audio, TranscribeOptions(language="en", word_timestamps=True))
     return [[(w.word.strip(), w.start, w.end) for w in t.words or []] for t in transcripts]

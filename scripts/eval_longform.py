@@ -22,11 +22,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # harness
 
 import numpy as np  # noqa: E402
 
 from jax_realtime.audio import SAMPLE_RATE, decode_audio  # noqa: E402
-from jax_realtime.evaluation import load_refs, word_errors  # noqa: E402
+from harness.evaluation import load_refs, word_errors  # noqa: E402
 
 DEFAULT_REFS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "eval", "refs.jsonl")
 
@@ -60,7 +61,8 @@ def main() -> int:
 
     from jax_realtime.config import EngineConfig
     from jax_realtime.engine import Engine
-    from jax_realtime.transcribe import TranscribeOptions, transcribe_batch
+    from jax_realtime.longform import TranscribeOptions
+    from jax_realtime.transcribe import transcribe_batch
 
     refs = [r for r in load_refs(args.refs) if r["id"].startswith(args.corpus_prefix)]
     clips = [decode_audio(r["wav"]) for r in refs]

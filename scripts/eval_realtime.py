@@ -21,7 +21,7 @@ What it does:
    (chunk k sent at t0 + k * 0.1 s / pace); 0 sends as fast as the socket takes them.
 
 Reported per stream and pace, scored with Whisper's English normaliser
-(``jax_realtime.evaluation``), the stream's ``done`` text against the clips' references joined by
+(``harness.evaluation``), the stream's ``done`` text against the clips' references joined by
 spaces, next to the offline texts joined the same way (the same single-document scoring):
 
 * **stream WER** and **offline WER**, **diff** (stream - offline, points), and the **deletions** of
@@ -47,10 +47,11 @@ import time
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # the test harness (tests/harness)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from realtime_client import (  # noqa: E402
+from harness.realtime_client import (  # noqa: E402
     ServerProcess,
     compilations,
     default_model,
@@ -64,7 +65,7 @@ from realtime_client import (  # noqa: E402
 
 from jax_realtime.audio import decode_audio  # noqa: E402
 from jax_realtime.config import load_config  # noqa: E402
-from jax_realtime.evaluation import load_refs, normalize  # noqa: E402
+from harness.evaluation import load_refs, normalize  # noqa: E402
 
 DEFAULT_REFS = os.path.join(HERE, "..", "..", "shared", "eval", "refs.jsonl")
 DEFAULT_CONFIG = os.path.join(HERE, "..", "configs", "cpu-tiny.toml")

@@ -66,18 +66,18 @@ import string
 import sys
 import tempfile
 import time
-import tomllib
 import urllib.parse
 from collections import Counter
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # the test harness (tests/harness)
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
-from realtime_client import (  # noqa: E402
+from harness.realtime_client import (  # noqa: E402
     ServerProcess,
     compilations,
     default_model,
@@ -87,6 +87,7 @@ from realtime_client import (  # noqa: E402
     to_pcm16,
     ws_url_of,
 )
+from harness.service_config import write_config  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed, InvalidHandshake  # noqa: E402
 
@@ -104,29 +105,6 @@ OPENAI_TYPES = [
 
 
 # -- configuration ---------------------------------------------------------------------------------
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(value)
-
-
-def write_config(base: str, path: str, **server) -> str:
-    """``base`` (a service TOML) with ``[server]`` overrides, written to ``path``."""
-    with open(base, "rb") as f:
-        config = tomllib.load(f)
-    config.setdefault("server", {}).update(server)
-    lines = []
-    for table, values in config.items():
-        lines.append(f"[{table}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
-        lines.append("")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-    return path
-
 
 # -- what the server is ----------------------------------------------------------------------------
 
@@ -985,7 +963,7 @@ async def _settle(target: Target, timeout: float = 30.0) -> int:
 
 async def normal_session(target: Target, clips: Clips, max_wer: float) -> dict:
     """One ordinary session on a real clip, and one ordinary REST upload of it: both transcribe it."""
-    from jax_realtime.evaluation import wer
+    from harness.evaluation import wer
 
     ref = clips.refs[CHECK_CLIP]["text"]
     record = await stream_audio(target.ws_url, clips.pcm[CHECK_CLIP], target.model, speed=0, done_timeout=120)
@@ -1119,7 +1097,7 @@ def main(argv: list[str] | None = None) -> int:
         target = Target(args.url, pid=args.pid, log_path=args.server_log)
     else:
         tmp = tempfile.mkdtemp(prefix="fuzz-realtime-")
-        config = write_config(args.config, os.path.join(tmp, "fuzz.toml"), admission_control=False)
+        config = write_config(os.path.join(tmp, "fuzz.toml"), base=args.config, admission_control=False)
         proc = ServerProcess.serve(config, name="fuzz", log_path=args.server_log or os.path.join(tmp, "server.log"),
                                    env={"JAX_REALTIME_API_KEY": ""})
         print(f"starting a server on {args.config} (admission_control = false), log {proc.log_path}", flush=True)

@@ -55,12 +55,14 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # the test harness (tests/harness)
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
-from fuzz_realtime import Target, tracebacks, write_config  # noqa: E402
-from realtime_client import ServerProcess, chunk_pcm, compilations, read_health, to_pcm16  # noqa: E402
+from fuzz_realtime import Target, tracebacks  # noqa: E402
+from harness.realtime_client import ServerProcess, chunk_pcm, compilations, read_health, to_pcm16  # noqa: E402
+from harness.service_config import write_config  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed, InvalidHandshake  # noqa: E402
 
@@ -283,7 +285,7 @@ class Soak:
         first = next((t for t, e in deltas if e.get("delta")), None)
         u.first_delta_s = round(first - t0, 3) if first is not None else None
         if kind != "clear_during":
-            from jax_realtime.evaluation import wer
+            from harness.evaluation import wer
 
             u.wer = round(wer([u.reference], [u.text]), 1)
         return True
@@ -291,7 +293,7 @@ class Soak:
     # -- REST ---------------------------------------------------------------------------------------
     async def rest_client(self) -> None:
         rng = random.Random(self.rng.random())
-        from jax_realtime.evaluation import wer
+        from harness.evaluation import wer
 
         while True:
             await asyncio.sleep(rng.uniform(10, 30))
@@ -376,7 +378,7 @@ class Soak:
         """For each utterance over the WER bound against its references: the same audio through
         REST (the model's offline transcription, after the soak).  Streaming that gives what the
         model gives offline is correct; the model's own errors on a short clip are not the server's."""
-        from jax_realtime.evaluation import wer
+        from harness.evaluation import wer
 
         gap = bytes(2 * round(GAP_S * SAMPLE_RATE))
         for u in self.utterances:
@@ -399,7 +401,7 @@ class Soak:
         checked = [u for u in done if u.wer is not None]
         over = [u for u in checked if u.wer > args.max_wer]  # against the references
         wrong = [u for u in over if u.wer_vs_offline is None or u.wer_vs_offline > args.max_wer]
-        from jax_realtime.evaluation import word_errors
+        from harness.evaluation import word_errors
 
         errors, words = word_errors([u.reference for u in checked], [u.text for u in checked]) if checked else (0, 0)
         first = [u.first_delta_s for u in done if u.first_delta_s is not None]
@@ -451,7 +453,7 @@ def _b64(data: bytes) -> str:
 
 
 def load_english_refs(path: str) -> list[dict]:
-    from jax_realtime.evaluation import load_refs
+    from harness.evaluation import load_refs
 
     return [r for r in load_refs(path) if r.get("language", "en") == "en" and r["text"].strip()]
 
@@ -521,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         tmp = tempfile.mkdtemp(prefix="soak-")
         overrides = {} if args.admission_control else {"admission_control": False}
-        config = write_config(args.config, os.path.join(tmp, "soak.toml"), **overrides)
+        config = write_config(os.path.join(tmp, "soak.toml"), base=args.config, **overrides)
         proc = ServerProcess.serve(config, name="soak", log_path=args.server_log or os.path.join(tmp, "server.log"),
                                    env={"JAX_REALTIME_API_KEY": ""})
         print(f"starting a server on {args.config}, log {proc.log_path}", flush=True)

@@ -2,16 +2,16 @@
 """WhisperLive (collabora/WhisperLive, PyPI ``whisper-live`` 0.10.0) as a peer for the realtime benchmark.
 
 It runs in OUR virtualenv and needs only ``websockets``, ``numpy``, the standard library and
-``realtime_client`` (``scripts/``); WhisperLive itself is installed in a scratch virtualenv and is
+``harness.realtime_client`` (``tests/harness``); WhisperLive itself is installed in a scratch virtualenv and is
 only ever started as a child process and spoken to over its websocket.
 
 * :class:`WhisperLiveServer` / :func:`start_whisperlive`: start the peer server from the scratch
   venv's python, wait until its port accepts connections, then warm it up with one handshake (the
-  shared model loads on the first client).  A :class:`realtime_client.ServerProcess`, so it is a
+  shared model loads on the first client).  A :class:`harness.realtime_client.ServerProcess`, so it is a
   context manager, ``stop()`` sends SIGINT then kills, and output goes to a log file.
 * :func:`stream_whisperlive`: stream one float32 16 kHz array at a paced rate, exactly like
-  ``realtime_client.stream_audio`` does for our server, and return a :class:`WhisperLiveRecord`
-  (a ``realtime_client.StreamRecord``, so the benchmark scores it unchanged).
+  ``harness.realtime_client.stream_audio`` does for our server, and return a :class:`WhisperLiveRecord`
+  (a ``harness.realtime_client.StreamRecord``, so the benchmark scores it unchanged).
 * ``python scripts/whisperlive_peer.py --python /work/scratch/whisperlive-venv/bin/python
   --clients 1 2 --seconds 60``: start the peer, stream Hi-Fi TTS slices (as bench_realtime.py cuts
   them) with N clients at 1x and print WER and the committed text.
@@ -103,7 +103,7 @@ What is measured for the peer, and how it maps onto our measures (StreamRecord f
   ``done_text == "".join(deltas)`` holds as for our server.
 * ``errors``: ``server_full`` (WAIT), ``server_error`` (ERROR), ``disconnect`` (DISCONNECT:
   overtime), ``client_timeout``; ``closed``: the socket closed before END_OF_AUDIO was sent.  A
-  WAIT/ERROR/close before SERVER_READY raises ``realtime_client.StreamError`` (as
+  WAIT/ERROR/close before SERVER_READY raises ``harness.realtime_client.StreamError`` (as
   ``stream_audio`` does for a refused model).
 
 Known differences from our server: WhisperLive commits per Whisper segment (a sentence or so, only
@@ -134,10 +134,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # the test harness (tests/harness)
 
-from realtime_client import (  # noqa: E402
+from harness.realtime_client import (  # noqa: E402
     CHUNK_S,
     SAMPLE_RATE,
     ServerError,
@@ -589,7 +588,7 @@ def main() -> int:
     from bench_realtime import slices, word_lags
 
     from jax_realtime.audio import decode_audio
-    from jax_realtime.evaluation import load_refs, word_errors
+    from harness.evaluation import load_refs, word_errors
 
     refs = [r for r in load_refs(args.refs) if r["id"].startswith("hifitts-")]
     clips = [decode_audio(r["wav"]) for r in refs]

@@ -387,7 +387,7 @@ class RealtimeConnection:
         if event.prompt and len(event.prompt) > MAX_PROMPT_CHARS:
             raise p.ProtocolError(p.PROCESSING_ERROR, f"prompt: at most {MAX_PROMPT_CHARS} characters, "
                                                       f"not {len(event.prompt)}")
-        self.prompt_tokens = tokenizer.encode(" " + event.prompt.strip()) if event.prompt else []
+        self.prompt_tokens = tokenizer.encode_prompt(event.prompt)
         self.session = p.SessionUpdated.from_update(event)
         self.set_turn_detection(event.turn_detection.settings() if event.turn_detection is not None else None)
         if self.state is State.UNVALIDATED:

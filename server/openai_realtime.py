@@ -344,8 +344,7 @@ class OpenAIConnection(RealtimeConnection):
                               "it with --word-timestamps or [engine] word_timestamps = true).", "invalid_value", param)
         # everything checked: apply
         self.model, self.language, self.prompt = model, language, prompt
-        tokenizer = self.service.engine.tokenizer
-        self.prompt_tokens = tokenizer.encode(" " + prompt.strip()) if prompt.strip() else []
+        self.prompt_tokens = self.service.engine.tokenizer.encode_prompt(prompt)
         if "include" in changes:
             self.include = changes["include"]
         self.word_timestamps = changes.get("word_timestamps", self.word_timestamps)

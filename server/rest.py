@@ -52,7 +52,8 @@ from jax_realtime.audio import SAMPLE_RATE, AudioError, AudioTooLong, decode_aud
 from jax_realtime.batcher import Busy, EngineError
 from jax_realtime.formats import render
 from jax_realtime.tokenizer import LANGUAGES, MAX_PROMPT_CHARS
-from jax_realtime.transcribe import TranscribeOptions, Transcript, transcribe_async
+from jax_realtime.longform import TranscribeOptions, Transcript
+from jax_realtime.transcribe import transcribe_async
 
 from .errors import BAD_AUDIO, APIError
 from .metrics import CONTENT_TYPE_LATEST
@@ -193,7 +194,7 @@ async def _audio(task: str):
                 transcript = await transcribe_async(submit, service.engine, audio, options)
         except TimeoutError:
             raise _timeout(limits.request_timeout_s) from None
-        except (Busy, EngineError, ValueError) as exc:
+        except DECODE_ERRORS as exc:
             raise _engine_error(exc) from None
         finally:
             service.requests_in_flight -= 1
@@ -287,7 +288,12 @@ def _timeout(seconds: float) -> APIError:
     return APIError(504, f"The request did not finish within this server's request timeout ({seconds:g} s).")
 
 
+# What a decode may raise that is answered with a status (``_engine_error``), not a 500 with a trace.
+DECODE_ERRORS = (Busy, EngineError, ValueError)
+
+
 def _engine_error(exc: Exception) -> APIError:
+    """The status of one of ``DECODE_ERRORS``: 503 busy, 500 the engine failed, 400 bad input."""
     if isinstance(exc, Busy):
         return APIError(503, "The server is busy: too many requests are waiting for the engine. Retry later.",
                         headers={"Retry-After": "1"})
@@ -324,7 +330,7 @@ def _stream(service, submit, owner: str, audio, options: TranscribeOptions, form
             try:
                 queue.put_nowait(("done", await transcribe_async(submit, service.engine, audio, options,
                                                                  on_segments=on_segments)))
-            except (Busy, EngineError, ValueError) as exc:
+            except DECODE_ERRORS as exc:
                 queue.put_nowait(("error", _engine_error(exc)))
             except Exception:  # never leave the stream waiting for the deadline
                 log.exception("unexpected error in a streamed transcription")

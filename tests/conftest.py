@@ -13,13 +13,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 
-# scripts/realtime_client.py (the /v1/realtime client the benchmarks use too) is imported by the tests
-# as `from realtime_client import ...`.
+# The harness (tests/harness: server process, realtime client, config writer) is imported as
+# `harness` (pytest puts tests/ on sys.path); the scripts some tests check, from scripts/.
 sys.path.insert(0, str(ROOT / "scripts"))
+pytest.register_assert_rewrite("harness")
 
-# Small bucket set for tests: compiles in seconds, still exercises batching, a short window with
-# its fallback to 30 s, and both prompt buckets.
-TEST_BUCKETS = dict(batch_buckets=(1, 4), window_buckets=(10.0, 30.0), prompt_buckets=(8, 232))
+from harness.service_config import TEST_BUCKETS  # noqa: E402  (re-exported for the tests)
 
 
 def load_refs(corpus_prefix: str | None = None) -> list[dict]:
@@ -60,6 +59,7 @@ def check_stream_words(words: list[dict], text: str, reference: list[tuple[str, 
     assert all(offset - 0.01 <= w["start"] <= w["end"] <= offset + duration + 0.01 for w in words), (offset, words)
     assert all(a["end"] <= b["start"] for a, b in zip(words, words[1:])), words
     shift = offset if reference_offset is None else reference_offset
+
     def bare(word: str) -> str:
         return "".join(c for c in word.lower() if c.isalnum())
 

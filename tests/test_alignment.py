@@ -34,7 +34,8 @@ from compare_word_timestamps import align_given, differences, faster_whisper, fa
 from jax_realtime import alignment
 from jax_realtime.audio import SAMPLE_RATE
 from jax_realtime.engine import AlignRequest, DecodeRequest, compile_stats
-from jax_realtime.transcribe import TranscribeOptions, transcribe_batch
+from jax_realtime.longform import TranscribeOptions
+from jax_realtime.transcribe import transcribe_batch
 
 ENGLISH = [r for r in load_refs() if r["language"] == "en"]
 WORDS = TranscribeOptions(language="en", word_timestamps=True)

@@ -15,12 +15,13 @@ import sys
 
 import pytest
 
-from conftest import DATA, ROOT, TEST_BUCKETS, load_refs
-from test_transcribe import assert_valid_cues, parse_srt, parse_vtt
+from conftest import DATA, ROOT, load_refs
+from harness.cues import assert_valid_cues, parse_srt, parse_vtt
+from harness.service_config import write_config
 
 from jax_realtime import batch
 from jax_realtime.batch import InputError, Input, expand_inputs
-from jax_realtime.transcribe import TranscribeOptions
+from jax_realtime.longform import TranscribeOptions
 
 CLIPS = ["ljspeech-LJ001-0001", "hifitts-6097-astralplane_04_leadbeater_0040", "ljspeech-LJ001-0008"]
 REFS = {r["id"]: r for r in load_refs()}
@@ -147,12 +148,6 @@ def test_word_timestamps_in_json_and_word_cues(tiny_engine, corpus):
         TranscribeOptions(word_timestamps=True, strategy="chunked")
 
 
-def write_config(path) -> str:
-    lines = ["[engine]", 'model = "tiny.en"'] + [f"{k} = {json.dumps(list(v))}" for k, v in TEST_BUCKETS.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
 def run_command(argv, cwd) -> subprocess.CompletedProcess:
     return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -184,7 +179,7 @@ def test_batch_script_end_to_end(corpus):
 def test_cli_transcribe_directory_to_stdout(corpus):
     """jax-realtime transcribe on a directory without --output-dir prints as for single files
     (--word-timestamps: with their words)."""
-    from realtime_client import venv_script
+    from harness.realtime_client import venv_script
 
     config = write_config(corpus / "test.toml")
     done = run_command([venv_script("jax-realtime"), "transcribe", "recordings", "--format", "jsonl",

@@ -33,9 +33,10 @@ import pytest
 import soundfile as sf
 from websockets.sync.client import connect as ws_connect
 
-from conftest import DATA, TEST_BUCKETS, load_refs
-from jax_realtime.evaluation import normalize, wer
-from realtime_client import ServerProcess
+from conftest import DATA, load_refs
+from harness.service_config import write_config
+from harness.evaluation import normalize, wer
+from harness.realtime_client import ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -73,11 +74,7 @@ class Server:
 
     def __init__(self, tmp: Path):
         self.tmp = tmp
-        self.config = tmp / "demo.toml"
-        lines = ["[engine]", 'model = "tiny.en"']
-        lines += [f"{k} = {list(v)}" for k, v in TEST_BUCKETS.items()]
-        lines += ["", "[server]", f"max_sessions = {MAX_SESSIONS}", "admission_control = false"]
-        self.config.write_text("\n".join(lines) + "\n")
+        self.config = write_config(tmp / "demo.toml", max_sessions=MAX_SESSIONS, admission_control=False)
         self.proc: ServerProcess | None = None
         self.starts = 0
 

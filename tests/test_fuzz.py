@@ -15,14 +15,11 @@ the frames that caused them, and the server log's tracebacks.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
-from conftest import TEST_BUCKETS
 from fuzz_realtime import Target, run_fuzz, summary
-from realtime_client import ServerProcess, run
+from harness.realtime_client import ServerProcess, run
+from harness.service_config import write_config
 
 pytestmark = pytest.mark.slow
 
@@ -33,18 +30,10 @@ SECONDS = 45.0  # the bound if the machine is slow: fewer cases, never a longer 
 MAX_RSS_GROWTH_MIB = 150.0  # RSS after the fuzzing over RSS before it (after a first normal session)
 
 
-def write_config(path: Path) -> Path:
-    lines = ["[engine]", 'model = "tiny.en"']
-    lines += [f"{key} = {json.dumps(list(value))}" for key, value in TEST_BUCKETS.items()]
-    lines += ["", "[server]", "admission_control = false"]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
-    proc = ServerProcess.serve(write_config(tmp / "fuzz.toml"), name="fuzz", log_path=tmp / "fuzz.log",
+    proc = ServerProcess.serve(write_config(tmp / "fuzz.toml", admission_control=False), name="fuzz", log_path=tmp / "fuzz.log",
                                startup_timeout=STARTUP_TIMEOUT, env={"JAX_REALTIME_API_KEY": ""})
     proc.start()
     yield proc

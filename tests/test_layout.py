@@ -96,3 +96,25 @@ def test_jit_in_one_module():
     users = sorted(name for name, path in _modules().items()
                    if "jax.jit(" in path.read_text() or "@jax.jit" in path.read_text())
     assert users == ["jax_realtime.engine"], users
+
+
+def test_the_product_never_imports_the_harness():
+    """Tests and scripts import the product and ``tests/harness``; the product imports neither."""
+    for name, path in _modules().items():
+        tree = ast.parse(path.read_text(), str(path))
+        roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for alias in node.names}
+        roots |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
+                  if isinstance(node, ast.ImportFrom) and not node.level}
+        assert not roots & {"harness", "tests", "conftest", "realtime_client"}, (name, roots)
+
+
+def test_the_readme_layout_names_every_module():
+    """The README's Layout map names every module of the product and of the harness."""
+    text = (ROOT / "README.md").read_text()
+    layout = text[text.index("## Layout"):]
+    layout = layout[:layout.index("\n## ", 1)] if "\n## " in layout[1:] else layout
+    files = [path for package in (*PACKAGES, "tests/harness") for path in sorted((ROOT / package).glob("*.py"))
+             if path.stem != "__init__"]
+    missing = [str(path.relative_to(ROOT)) for path in files if path.name not in layout]
+    assert not missing, missing

@@ -34,8 +34,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from conftest import TEST_BUCKETS, flac_silence, webm_silence
+from harness.service_config import write_config
 from jax_realtime.tokenizer import MAX_PROMPT_CHARS
-from realtime_client import ServerProcess, run
+from harness.realtime_client import ServerProcess, run
 from test_rest import (
     SHORT,
     STARTUP_TIMEOUT,
@@ -48,7 +49,6 @@ from test_rest import (
     request,
     scrape,
     wav,
-    write_config,
 )
 
 pytestmark = pytest.mark.slow
@@ -70,7 +70,8 @@ def limited(tmp_path_factory):
     """Launched, then watched while it warms: the first answers of /health, /v1/models, the
     WebSocket handshake and /metrics are kept in ``proc.while_starting``."""
     tmp = tmp_path_factory.mktemp("limits")
-    config = write_config(tmp / "limits.toml", max_concurrent_requests=1, max_audio_s=MAX_AUDIO_S)
+    config = write_config(tmp / "limits.toml", admission_control=False, max_concurrent_requests=1,
+                          max_audio_s=MAX_AUDIO_S)
     proc = ServerProcess.serve(config, name="limits", log_path=tmp / "limits.log", startup_timeout=STARTUP_TIMEOUT,
                                env={"JAX_REALTIME_API_KEY": ""})
     proc.launch()

@@ -25,10 +25,11 @@ import numpy as np
 import pytest
 import soxr
 
-from conftest import TEST_BUCKETS, check_stream_words, load_clip, load_refs
+from conftest import check_stream_words, load_clip, load_refs
+from harness.service_config import write_config
 from jax_realtime.audio import ALAW_TABLE, ULAW_TABLE
-from jax_realtime.evaluation import wer
-from realtime_client import RealtimeClient, ServerProcess, run, to_pcm16
+from harness.evaluation import wer
+from harness.realtime_client import RealtimeClient, ServerProcess, run, to_pcm16
 
 openai = pytest.importorskip("openai")
 
@@ -89,11 +90,7 @@ def b64(data: bytes) -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("openai")
-    lines = ["[engine]", 'model = "tiny.en"', "word_timestamps = true"]
-    lines += [f"{k} = {json.dumps(list(v))}" for k, v in TEST_BUCKETS.items()]
-    lines += ["", "[server]", "admission_control = false"]
-    config = tmp / "serve.toml"
-    config.write_text("\n".join(lines) + "\n")
+    config = write_config(tmp / "serve.toml", engine={"word_timestamps": True}, admission_control=False)
     proc = ServerProcess.serve(config, name="openai", log_path=tmp / "serve.log", startup_timeout=STARTUP_TIMEOUT)
     proc.start()
     yield proc

@@ -23,8 +23,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import TEST_BUCKETS, load_clip, load_refs
-from realtime_client import SAMPLE_RATE, ServerProcess, compilations, stream_audio
+from conftest import load_clip, load_refs
+from harness.realtime_client import SAMPLE_RATE, ServerProcess, compilations, stream_audio
+from harness.service_config import write_config
 
 pytestmark = pytest.mark.slow
 
@@ -60,13 +61,7 @@ def offline_texts(tiny_engine, mixed):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, offline_texts):
-    def toml_list(values):
-        return "[" + ", ".join(str(v) for v in values) + "]"
-
-    config = tmp_path_factory.mktemp("realtime") / "test-buckets.toml"
-    config.write_text("[engine]\nmodel = \"tiny.en\"\n"
-                      + "".join(f"{key} = {toml_list(value)}\n" for key, value in TEST_BUCKETS.items())
-                      + "[server]\nadmission_control = false\n")
+    config = write_config(tmp_path_factory.mktemp("realtime") / "test-buckets.toml", admission_control=False)
     with ServerProcess.serve(config, log_path=config.with_suffix(".log")) as process:
         yield process
 
@@ -96,7 +91,7 @@ def untranscribed(server) -> dict[str, float]:
 def test_a_mixed_stream_at_four_times_real_time_loses_no_sentence(server, mixed, offline_texts):
     import jiwer
 
-    from jax_realtime.evaluation import normalize
+    from harness.evaluation import normalize
 
     refs, clips = mixed
     reference = normalize(" ".join(r["text"] for r in refs))

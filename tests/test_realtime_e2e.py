@@ -14,7 +14,7 @@ The spec is ``/work/shared/docs/realtime-protocol.md``; vLLM's four end-to-end s
 The last test checks that nothing was compiled after warm-up in any server this module started.
 
 pytest has no asyncio plugin here: each test is a sync function running one coroutine with
-:func:`realtime_client.run`.
+:func:`harness.realtime_client.run`.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, TEST_BUCKETS, check_stream_words, load_clip, load_refs
-from jax_realtime.evaluation import normalize, wer
-from realtime_client import (
+from conftest import ROOT, check_stream_words, load_clip, load_refs
+from harness.service_config import write_config
+from harness.evaluation import normalize, wer
+from harness.realtime_client import (
     BYTES_PER_SECOND,
     RealtimeClient,
     ServerProcess,
@@ -88,22 +89,10 @@ def assert_transcribes(clip_ids: list[str], texts: list[str], bound: float) -> f
 # ------------------------------------------------------------------------------------- servers
 
 
-def write_config(path: Path, engine: dict | None = None, **server) -> Path:
-    """A service config with the test buckets, ``[engine]`` and ``[server]`` overrides."""
-    def toml(value):
-        return json.dumps(list(value)) if isinstance(value, (tuple, list)) else json.dumps(value)
-
-    lines = ["[engine]", 'model = "tiny.en"']
-    lines += [f"{key} = {toml(value)}" for key, value in {**TEST_BUCKETS, **(engine or {})}.items()]
-    lines += ["", "[server]"] + [f"{key} = {toml(value)}" for key, value in server.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def start_serve(tmp: Path, name: str, engine: dict | None = None, **server) -> ServerProcess:
     # admission by measured load is off unless a test turns it on: these servers share two cores
     # with the test process, and what they test is a fixed max_sessions
-    config = write_config(tmp / f"{name}.toml", engine, **{"admission_control": False, **server})
+    config = write_config(tmp / f"{name}.toml", engine=engine, **{"admission_control": False, **server})
     proc = ServerProcess.serve(config, name=name, log_path=tmp / f"{name}.log", startup_timeout=STARTUP_TIMEOUT)
     proc.start()
     _STARTED.append(proc)

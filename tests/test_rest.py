@@ -21,7 +21,7 @@ English normaliser, on clips where the streaming policy is known to agree with o
 REST itself is checked against the engine's own offline transcription (``transcribe_batch``) of
 the same decoded audio: identical text and segments, long-form included.
 
-pytest has no asyncio plugin here: async parts run with :func:`realtime_client.run`.
+pytest has no asyncio plugin here: async parts run with :func:`harness.realtime_client.run`.
 """
 
 from __future__ import annotations
@@ -47,11 +47,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from conftest import TEST_BUCKETS, encode_with_av, load_clip, load_refs
+from conftest import encode_with_av, load_clip, load_refs
+from harness.service_config import write_config
 from jax_realtime.audio import decode_audio
-from jax_realtime.evaluation import normalize, wer
-from jax_realtime.transcribe import TranscribeOptions, transcribe_batch
-from realtime_client import RealtimeClient, ServerProcess, check_done, run, stream_audio, to_pcm16, venv_script
+from harness.evaluation import normalize, wer
+from jax_realtime.longform import TranscribeOptions
+from jax_realtime.transcribe import transcribe_batch
+from harness.realtime_client import RealtimeClient, ServerProcess, check_done, run, stream_audio, to_pcm16, venv_script
 
 pytestmark = pytest.mark.slow
 
@@ -106,19 +108,15 @@ def long_wav() -> tuple[bytes, np.ndarray]:
 # ------------------------------------------------------------------------------------- servers
 
 
-def write_config(path: Path, model: str = "tiny.en", engine: dict | None = None, **server) -> Path:
-    lines = ["[engine]", f'model = "{model}"']
-    lines += [f"{key} = {json.dumps(list(value))}" for key, value in TEST_BUCKETS.items()]
-    lines += [f"{key} = {json.dumps(value)}" for key, value in (engine or {}).items()]
-    server = {"admission_control": False, **server}  # a fixed max_sessions, whatever the shared CPU measures
-    lines += ["", "[server]"] + [f"{key} = {json.dumps(value)}" for key, value in server.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def rest_config(path: Path, model: str = "tiny.en", engine: dict | None = None, **server) -> Path:
+    """The config of a REST test server: admission by measured load off (a fixed max_sessions,
+    whatever the shared CPU measures)."""
+    return write_config(path, engine={"model": model, **(engine or {})}, **{"admission_control": False, **server})
 
 
 def start(tmp: Path, name: str, extra_args: list[str] | None = None, env: dict | None = None,
           model: str = "tiny.en", engine: dict | None = None, **server):
-    config = write_config(tmp / f"{name}.toml", model, engine, **server)
+    config = rest_config(tmp / f"{name}.toml", model, engine, **server)
     proc = ServerProcess.serve(config, name=name, log_path=tmp / f"{name}.log", startup_timeout=STARTUP_TIMEOUT,
                                extra_args=extra_args, env={"JAX_REALTIME_API_KEY": "", **(env or {})})
     proc.start()

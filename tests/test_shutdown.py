@@ -6,7 +6,7 @@ import asyncio
 import signal
 
 import pytest
-from realtime_client import RealtimeClient, ServerProcess, check_done, run, to_pcm16, venv_script
+from harness.realtime_client import RealtimeClient, ServerProcess, check_done, run, to_pcm16, venv_script
 
 from conftest import TEST_BUCKETS, load_clip, load_refs
 
@@ -56,7 +56,7 @@ async def _shutdown_scenario(server: ServerProcess, sig: int) -> dict:
 def test_sigterm_lets_a_running_utterance_finish(tmp_path, how):
     config = _config(tmp_path)
     if how == "hypercorn":
-        from realtime_client import free_port
+        from harness.realtime_client import free_port
 
         port = free_port()
         server = ServerProcess([venv_script("hypercorn"), "-c", "configs/hypercorn.toml", "--bind",

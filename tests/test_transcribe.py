@@ -8,28 +8,21 @@ the margin allows for the small sample.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 
 from conftest import load_clip, load_refs
+from harness.cues import assert_valid_cues, parse_srt, parse_vtt
 
 from jax_realtime import formats
 from jax_realtime.audio import SAMPLE_RATE, AudioError
-from jax_realtime.evaluation import word_errors
-from jax_realtime.transcribe import (
-    TranscribeOptions,
-    longest_common_sequence,
-    run_jobs,
-    transcribe_batch,
-)
+from harness.evaluation import word_errors
+from jax_realtime.longform import TranscribeOptions, longest_common_sequence
+from jax_realtime.transcribe import run_jobs, transcribe_batch
 
 PAUSE_S = 0.4
 WER_MARGIN = 2.0  # percentage points over clip-by-clip decoding, on ~330 words
 
-SRT_TIME = r"(\d\d):(\d\d):(\d\d),(\d\d\d)"
-VTT_TIME = r"(\d\d):(\d\d):(\d\d)\.(\d\d\d)"
 
 
 # fleurs-en-004/005 (a -67 dB speaker beside a -20 dB one) are there for the realtime level tests;
@@ -60,45 +53,6 @@ def clip_by_clip(tiny_engine, long_audio):
     transcripts = transcribe_batch(tiny_engine, clips, TranscribeOptions())
     errors, words = word_errors(texts, [t.text for t in transcripts])
     return 100.0 * errors / words
-
-
-def _seconds(match) -> float:
-    h, m, s, ms = (int(x) for x in match)
-    return h * 3600 + m * 60 + s + ms / 1000
-
-
-def parse_srt(text: str) -> list[tuple[float, float, str]]:
-    """Cues of an SRT file; asserts the format (numbered from 1, ``-->`` lines, text, blank line)."""
-    cues = []
-    for number, block in enumerate(text.strip().split("\n\n"), start=1):
-        lines = block.split("\n")
-        assert lines[0] == str(number), block
-        times = re.fullmatch(f"{SRT_TIME} --> {SRT_TIME}", lines[1])
-        assert times, lines[1]
-        assert len(lines) >= 3 and lines[2].strip(), block
-        cues.append((_seconds(times.groups()[:4]), _seconds(times.groups()[4:]), " ".join(lines[2:])))
-    return cues
-
-
-def parse_vtt(text: str) -> list[tuple[float, float, str]]:
-    assert text.startswith("WEBVTT\n\n")
-    cues = []
-    for block in text[len("WEBVTT\n\n"):].strip().split("\n\n"):
-        lines = block.split("\n")
-        times = re.fullmatch(f"{VTT_TIME} --> {VTT_TIME}", lines[0])
-        assert times, lines[0]
-        assert len(lines) >= 2 and lines[1].strip(), block
-        cues.append((_seconds(times.groups()[:4]), _seconds(times.groups()[4:]), " ".join(lines[1:])))
-    return cues
-
-
-def assert_valid_cues(cues, duration: float) -> None:
-    assert cues
-    previous = 0.0
-    for start, end, _ in cues:
-        assert 0.0 <= start <= end <= duration + 0.001
-        assert start >= previous  # timestamps never go back
-        previous = start
 
 
 @pytest.mark.parametrize("options", [TranscribeOptions(), TranscribeOptions(strategy="chunked")],

@@ -22,9 +22,10 @@ the frame, so a busy client process adds to every latency it measures: keep the 
 process, no decoding) and look at ``send_slip`` (how late chunks went out compared with their
 schedule).
 
-Importable from scripts and tests (``tests/conftest.py`` puts ``scripts/`` on ``sys.path``)::
+Part of the test harness (``tests/harness``): tests import it as ``harness.realtime_client``
+(pytest puts ``tests/`` on ``sys.path``), scripts too, after putting ``tests/`` there::
 
-    from realtime_client import RealtimeClient, ServerProcess, stream_audio
+    from harness.realtime_client import RealtimeClient, ServerProcess, stream_audio
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from websockets.exceptions import ConnectionClosed
 SAMPLE_RATE = 16000
 BYTES_PER_SECOND = 2 * SAMPLE_RATE  # PCM16 mono
 CHUNK_S = 0.1  # 100 ms appends: 1600 samples, 3200 bytes of PCM16
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 
 # -- audio -------------------------------------------------------------------------------------------
