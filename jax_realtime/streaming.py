@@ -30,7 +30,9 @@ a hypothesis says that the text before that point covers it:
   no-speech rule, twice); the last ``silence_keep_s`` stay (speech may be starting).
 
 A decode Whisper would reject (silence: no-speech probability above 0.6 with an average
-log-probability below -1; repetition: compression ratio above 2.4) is never a reason to drop audio:
+log-probability below -1; repetition: compression ratio above 2.4), or one that jumps over speech
+(a segment spanning more of the VAD's speech than its text can say, see ``_skips``), is never a
+reason to drop audio:
 the window is decoded again, afresh, then afresh at a higher temperature, before the best attempt
 is taken.  When the window reaches ``max_window_s`` without a cut, the hypothesis is committed up to
 its last segment end and the window cut there; a full window without any segment end is decoded
@@ -68,7 +70,12 @@ FALLBACK_TEMPERATURE = 0.5
 # The VAD may hear speech this long after the end Whisper gives its text (timestamps are coarse, the
 # VAD's frames run on): later speech is speech Whisper did not transcribe.
 END_TOLERANCE = round(0.5 * SAMPLE_RATE)
-OVERRUN_S = 1.0  # a timestamp this far past the end of the window's audio marks made-up text  # the last retry of a rejected window samples (Whisper's fallback, in one step)
+OVERRUN_S = 1.0  # a timestamp this far past the end of the window's audio marks made-up text
+# A segment's text says at most this much of the VAD's speech per text token, plus the slack (see
+# Utterance._skips).  Measured: Whisper's segments of every English clip of the eval set, decoded
+# offline, levelled, hold at most 0.45 s of speech per token (median 0.25 s; scratch voicedrate.py).
+SPEECH_PER_TOKEN_S = 0.75
+SKIP_SLACK_S = 1.0
 
 
 class TokenText(Protocol):
@@ -336,7 +343,12 @@ class Utterance:
         """
         if full and self._fresh_for_full:  # the continuation found no segment end: it would repeat
             return True
-        if (self.finishing and not full) or not self._text(self._committed) or self._cut_points(window_samples):
+        if self.finishing and not full:
+            # The last window, long (a session behind its audio): continuing the committed text
+            # over it, Whisper places no timestamps and may jump from the committed text to the
+            # last sentence, skipping what lies between; afresh it segments the window and hears it.
+            return bool(self._text(self._committed)) and window_samples > self.settings.trim_after_s * SAMPLE_RATE
+        if not self._text(self._committed) or self._cut_points(window_samples):
             return False
         if full:
             return True
@@ -358,9 +370,11 @@ class Utterance:
         # Repetitive (Whisper's compression rule), or running past the audio: a timestamp later than
         # the window's end means the text before it was made up beyond what was heard (a short
         # window's loop: "Paris, Louis, Paris, Louis, Paris,<7.00>" for 4 s of audio).
+        # Or skipping: a segment spanning more speech than its text says.
         repetitive = (result.compression_ratio > s.compression_ratio_threshold
                       or self._overruns(output, len(window.audio))
-                      or self._dense(list(window.prefix), output, len(window.audio)))
+                      or self._dense(list(window.prefix), output, len(window.audio))
+                      or self._skips(list(window.prefix), output, len(window.audio)))
         if silent or repetitive:
             # Never a reason to drop audio.  A window that matters (long enough to be cut, full,
             # or the last one) is decoded again: afresh (no prompt, no prefix), and a repetitive
@@ -430,24 +444,42 @@ class Utterance:
     def _text(self, raw: Sequence[int]) -> list[int]:
         return [t for t in raw if t < self._tok.eot]
 
-    def _dense(self, prefix: list[int], output: list[int], window_samples: int) -> bool:
-        """Whether a segment holding new text has more text than its time span can (decoding.too_dense):
-        a loop that stays within the window's time ("... Ages.<7.92><7.92> The earliest book, The
-        Earliest Book, The Earliest Book, ..." for the last 0.9 s of a window)."""
+    def _new_segments(self, prefix: list[int], output: list[int], window_samples: int):
+        """``(start_s, end_s, text tokens)`` of each segment of ``prefix + output`` that holds new
+        text (window seconds; an open last segment ends with the window)."""
         begin, whole = self._tok.timestamp_begin, prefix + output
-        start, n_text, new = 0, 0, False
+        start, n_text, new = 0.0, 0, False
         for i, t in enumerate(whole + [None]):
             closing = t is None or (t >= begin and i > 0 and whole[i - 1] < begin)
             if closing:
                 end = window_samples / SAMPLE_RATE if t is None else (t - begin) * TIME_PRECISION
-                if new and too_dense(n_text, max(0.0, end - start)):
-                    return True
+                if new:
+                    yield start, max(start, end), n_text
                 n_text, new = 0, False
             elif t >= begin:
                 start = (t - begin) * TIME_PRECISION
             else:
                 n_text += 1
                 new = new or i >= len(prefix)
+
+    def _dense(self, prefix: list[int], output: list[int], window_samples: int) -> bool:
+        """Whether a segment holding new text has more text than its time span can (decoding.too_dense):
+        a loop that stays within the window's time ("... Ages.<7.92><7.92> The earliest book, The
+        Earliest Book, The Earliest Book, ..." for the last 0.9 s of a window)."""
+        return any(too_dense(n, end - start) for start, end, n in self._new_segments(prefix, output, window_samples))
+
+    def _skips(self, prefix: list[int], output: list[int], window_samples: int) -> bool:
+        """Whether a segment holding new text spans more speech than its text can say (the VAD's
+        speech, more than ``SPEECH_PER_TOKEN_S`` per text token and ``SKIP_SLACK_S``): Whisper
+        jumped over what was said (a continuation "... of about<7.08><7.08> 1455.<13.08>" over
+        two sentences that a fresh decode of the same window hears).  Only audio the VAD framed counts."""
+        if not self._vad_used:
+            return False
+        framed = self._framed_at - self._window_start
+        for start, end, n in self._new_segments(prefix, output, window_samples):
+            a, b = round(start * SAMPLE_RATE), min(round(end * SAMPLE_RATE), framed)
+            if b > a and self._voiced.sum(a, b) / SAMPLE_RATE > SPEECH_PER_TOKEN_S * n + SKIP_SLACK_S:
+                return True
         return False
 
     def _overruns(self, output: Sequence[int], window_samples: int) -> bool:
@@ -730,6 +762,10 @@ class AudioBuffer:
         a, b = max(0, a), min(len(self), b)
         if b > a:
             self._data[self._start + a:self._start + b] = value
+
+    def sum(self, a: int, b: int) -> float:
+        a, b = max(0, a), min(len(self), b)
+        return float(self._data[self._start + a:self._start + b].sum()) if b > a else 0.0
 
     def max(self, a: int, b: int) -> float:
         """The largest of samples ``[a, b)`` (clipped to the buffer; 0 when empty)."""

@@ -297,6 +297,39 @@ def test_text_running_past_the_audio_or_too_dense_is_decoded_again(tiny_tokenize
     assert utterance.text == "" and utterance.next_window().fresh
 
 
+def test_a_segment_spanning_more_speech_than_its_text_says_is_decoded_again(tiny_tokenizer):
+    """The last window of an utterance, continuing its committed text, jumps over two sentences:
+    "... of about<7.08><7.08> 1455.<13.08>" (3 text tokens for 6 s the VAD hears as speech, where
+    a segment says at most 0.75 s per token and 1 s more).  It is not committed: the window is
+    decoded again afresh, and the fresh text (which hears the sentences) is what is committed.
+    Without the VAD's speech there, the same output is plausible (a pause) and committed."""
+    tok = tiny_tokenizer
+    settings = StreamConfig(step_s=1.0, agreement=1, holdback_tokens=0, trim_after_s=20.0)
+    before = tok.encode(" The earliest book printed with movable types, the Bible of about")
+    year, lost = tok.encode(" 1455."), tok.encode(" For those should never read it.")
+    after = tok.encode(" Printing then.")
+    for heard in (True, False):
+        utterance = Utterance(settings, tok)
+        utterance.add_audio(speech(15.0))
+        utterance.mark_speech(0, 512, np.array([heard or k * 512 < 7 * SAMPLE_RATE for k in range(15 * SAMPLE_RATE // 512)]))
+        window = utterance.next_window()
+        utterance.apply(window, Result([stamp(tok, 0.0)] + before + [stamp(tok, 7.0)]))
+        utterance.finish()
+        window = utterance.next_window()
+        skipped = window.prefix + [stamp(tok, 7.0)] + year + [stamp(tok, 13.0), stamp(tok, 13.0)] + after
+        utterance.apply(window, Result(skipped + [stamp(tok, 14.5)]))
+        if not heard:  # silence between: nothing was skipped
+            assert utterance.done and utterance.text == tok.decode(before + year + after).lstrip()
+            continue
+        assert not utterance.done and utterance.text == tok.decode(before).lstrip()
+        fresh = utterance.next_window()
+        assert fresh.fresh and fresh.prefix == [] and fresh.start_s == 0.0
+        heard_all = before + year + lost + after
+        utterance.apply(fresh, Result([stamp(tok, 0.0)] + heard_all + [stamp(tok, 14.5)]))
+        assert utterance.done and utterance.text == tok.decode(heard_all).lstrip()
+        covered(utterance)
+
+
 def test_a_last_window_whisper_stops_early_in_is_decoded_on(tiny_tokenizer):
     tok = tiny_tokenizer
     utterance = Utterance(StreamConfig(step_s=1.0, agreement=1, holdback_tokens=0, trim_after_s=15.0), tok)
