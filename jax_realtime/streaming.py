@@ -200,6 +200,10 @@ class Utterance:
         """Utterance sample index the last decoded window reached: committed text lies before it."""
         return self._decoded_until
 
+    def text_of(self, tokens: Sequence[int]) -> str:
+        """The text of some of this utterance's tokens."""
+        return self._tok.decode(tokens)
+
     def add_audio(self, samples: np.ndarray) -> None:
         if self.finishing:
             raise RuntimeError("the utterance is finishing: no more audio")
@@ -214,6 +218,7 @@ class Utterance:
         self._audio.drop_back(dropped)
         self._voiced.drop_back(dropped)
         self._vad_at = min(self._vad_at, self.received_samples)
+        self._framed_at = min(self._framed_at, self.received_samples)  # new audio there is not framed yet
         if self.words is not None:
             self.words.drop_back(dropped)
         return dropped
@@ -444,16 +449,17 @@ class Utterance:
     def _text(self, raw: Sequence[int]) -> list[int]:
         return [t for t in raw if t < self._tok.eot]
 
-    def _new_segments(self, prefix: list[int], output: list[int], window_samples: int):
+    def _new_segments(self, prefix: list[int], output: list[int], window_samples: int, closed_only: bool = False):
         """``(start_s, end_s, text tokens)`` of each segment of ``prefix + output`` that holds new
-        text (window seconds; an open last segment ends with the window)."""
+        text (window seconds; an open last segment ends with the window, and is left out with
+        ``closed_only``)."""
         begin, whole = self._tok.timestamp_begin, prefix + output
         start, n_text, new = 0.0, 0, False
         for i, t in enumerate(whole + [None]):
             closing = t is None or (t >= begin and i > 0 and whole[i - 1] < begin)
             if closing:
                 end = window_samples / SAMPLE_RATE if t is None else (t - begin) * TIME_PRECISION
-                if new:
+                if new and not (closed_only and t is None):
                     yield start, max(start, end), n_text
                 n_text, new = 0, False
             elif t >= begin:
@@ -472,11 +478,13 @@ class Utterance:
         """Whether a segment holding new text spans more speech than its text can say (the VAD's
         speech, more than ``SPEECH_PER_TOKEN_S`` per text token and ``SKIP_SLACK_S``): Whisper
         jumped over what was said (a continuation "... of about<7.08><7.08> 1455.<13.08>" over
-        two sentences that a fresh decode of the same window hears).  Only audio the VAD framed counts."""
+        two sentences that a fresh decode of the same window hears).  Only audio the VAD framed
+        counts, and only segments Whisper closed: an open last one may just be cut short (a step's
+        token cap), its speech still to be said."""
         if not self._vad_used:
             return False
         framed = self._framed_at - self._window_start
-        for start, end, n in self._new_segments(prefix, output, window_samples):
+        for start, end, n in self._new_segments(prefix, output, window_samples, closed_only=True):
             a, b = round(start * SAMPLE_RATE), min(round(end * SAMPLE_RATE), framed)
             if b > a and self._voiced.sum(a, b) / SAMPLE_RATE > SPEECH_PER_TOKEN_S * n + SKIP_SLACK_S:
                 return True
@@ -772,6 +780,7 @@ class AudioBuffer:
         a, b = max(0, a), min(len(self), b)
         return float(self._data[self._start + a:self._start + b].max()) if b > a else 0.0
 
+
 @dataclasses.dataclass(frozen=True)
 class WordJob:
     """Committed text tokens to align in audio (``engine.AlignRequest``): ``audio`` is utterance
@@ -893,17 +902,23 @@ class CommittedWords:
 
         out = []
         for job, window in zip(jobs, aligned):
+            # The context's words were handed out already.  Punctuation merging may move tokens
+            # across its end: a word that begins inside the context is not handed out again (the
+            # tokens it took past the context count as sent), unless what it took is a word.
             timings, seen = [], 0
-            for t in window.timings:  # the context's words were handed out already
-                if seen >= job.context:
-                    timings.append(t)
+            for t in window.timings:
+                inside = seen < job.context
+                extra = job.tokens[job.context:seen + len(t.tokens)] if inside else []
+                if not inside or any(c.isalnum() for c in self._u.text_of(extra)):
+                    timings.append((seen, t))
                 seen += len(t.tokens)
             if not job.final:
-                spoken = [i for i, t in enumerate(timings) if t.word]
+                spoken = [i for i, (_, t) in enumerate(timings) if t.word]
                 timings = timings[:spoken[-1]] if spoken else []
             offset = job.start / SAMPLE_RATE
-            sent = job.first + job.context
-            for t in timings:
+            # the tokens before the first word handed out: the context and what merged into it
+            sent = job.first + (timings[0][0] if timings else (seen if job.final else job.context))
+            for _, t in timings:
                 if t.word:
                     start = round(max(offset + t.start, self._last_end), 2)
                     end = round(max(offset + t.end, start), 2)

@@ -81,7 +81,8 @@ class Turn:
     end_sample: int = 0
     # audio dropped from its utterance (vLLM's clear mid-utterance): (utterance sample, samples)
     gaps: list = dataclasses.field(default_factory=list)
-    held_words: list | None = None  # words of text not announced yet (OpenAI's manual mode)
+    held_text: str = ""  # deltas not announced yet (OpenAI's manual mode: sent at the commit)
+    held_words: list | None = None  # and their words
 
     def session_seconds(self, t: float) -> float:
         """Utterance seconds ``t`` as seconds of the session's audio (word timestamps)."""
@@ -409,6 +410,7 @@ class RealtimeConnection:
             return
         if (self.state is State.FINISHING and self.turn_detection is None and not self.audio_opens_turns
                 and not self.service.config.stream.keep_audio_after_final):
+            self._heard_start += len(samples)  # (still the session's audio: word times count it)
             return  # vLLM drops audio sent after final:true until the utterance is done
         if self.state is not State.STREAMING and self._buffered_samples() + len(samples) > limits.max_buffer_s * SAMPLE_RATE:
             # audio appended before the utterance starts (no commit yet): no decode can take it in

@@ -200,10 +200,11 @@ class OpenAIConnection(RealtimeConnection):
                               previous_item_id=turn.previous_item_id, item=self._item(turn, None)))
         if not turn.announced:  # manual mode: the text decoded before the commit, held until now
             turn.announced = True
-            text = turn.utterance.text if turn.utterance is not None else ""
-            if text or turn.held_words:
-                self._send_delta(turn, text, turn.held_words)
-            turn.held_words = None
+            # the deltas emitted so far (not utterance.text: a delta may be on its way, emitted after
+            # the word alignment the commit arrived during)
+            if turn.held_text or turn.held_words:
+                self._send_delta(turn, turn.held_text, turn.held_words)
+            turn.held_text, turn.held_words = "", None
 
     def _wants_words(self) -> bool:
         return self.word_timestamps
@@ -219,7 +220,9 @@ class OpenAIConnection(RealtimeConnection):
     def _emit_delta(self, turn: Turn, delta: str, words: list[dict] | None) -> None:
         if turn.announced:
             self._send_delta(turn, delta, words)
-        elif words is not None:  # sent with the text at the commit
+            return
+        turn.held_text += delta  # sent at the commit
+        if words is not None:
             turn.held_words = (turn.held_words or []) + words
 
     def _emit_partial(self, turn: Turn, utterance) -> None:

@@ -12,7 +12,7 @@ offline, and deletions (words of the reference missing from the text) at most of
 that no sentence can go missing.  The server must also report no audio that left a window without
 text other than silence (``jax_realtime_untranscribed_audio_seconds_total``).
 
-The client is ``scripts/realtime_client.py`` (``tests/conftest.py`` puts ``scripts/`` on ``sys.path``).
+The client is ``tests/harness/realtime_client.py`` (imported as ``harness.realtime_client``).
 """
 
 from __future__ import annotations
