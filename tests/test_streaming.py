@@ -397,3 +397,53 @@ def test_speech_the_vad_hears_after_the_text_keeps_the_window(tiny_tokenizer):
         utterance.mark_speech(start, 512, np.zeros(len(samples) // 512, bool))
         assert utterance.wants_decode()
     assert utterance.stretches == []
+
+
+def test_committed_words_are_handed_out_once_across_the_context(tiny_tokenizer):
+    """The word timestamps extension's bookkeeping (alignments built by hand, as Engine.align
+    returns them): open text hands out every word but the last; the next alignment starts with
+    the last word handed out as context and does not hand it out again, also when punctuation
+    merging moved a token over the context's end; the end of the utterance hands out the rest."""
+    from jax_realtime.alignment import WindowWords, WordTiming
+
+    tok = tiny_tokenizer
+    rome, paris, comma, lyon = (tok.encode(w) for w in (" Rome", " Paris", ",", " Lyon."))
+    utterance = Utterance(StreamConfig(agreement=1, holdback_tokens=0, trim_after_s=20.0), tok, word_timestamps=True)
+    utterance.add_audio(speech(3.0))
+    window = utterance.next_window()
+    utterance.apply(window, Result([stamp(tok, 0.0)] + rome + paris))
+    (job,) = utterance.words.jobs()
+    assert job.tokens == rome + paris and job.context == 0 and not job.final
+    timing = [WordTiming(" Rome", 0.5, 0.9, 0.9, rome), WordTiming(" Paris", 1.0, 1.6, 0.9, paris)]
+    words = utterance.words.take([job], [WindowWords(timing, 0.5, 1.0)])
+    assert [w.word for w in words] == [" Rome"]  # Paris waits: a comma may still join it
+
+    utterance.add_audio(speech(1.0))
+    utterance.finish()
+    window = utterance.next_window()
+    utterance.apply(window, Result(window.prefix + comma + lyon + [stamp(tok, 3.8)]))
+    assert utterance.done
+    (job,) = utterance.words.jobs()
+    assert job.tokens == rome + paris + comma + lyon and job.context == len(rome) and job.final
+    assert job.start == round(0.5 * SAMPLE_RATE)  # the context's audio, from its start
+    # the aligner merged the comma into Paris; Rome (the context) is not handed out again
+    timing = [WordTiming(" Rome", 0.0, 0.4, 0.9, rome), WordTiming(" Paris,", 0.5, 1.1, 0.9, paris + comma),
+              WordTiming("", 1.1, 1.1, 0.0, []), WordTiming(" Lyon.", 1.4, 2.0, 0.9, lyon)]
+    words = utterance.words.take([job], [WindowWords(timing, 0.5, 1.0)])
+    assert [(w.word, w.start) for w in words] == [(" Paris,", 1.0), (" Lyon.", 1.9)]
+    assert utterance.words.jobs() == []
+
+    # a word merged into the context's last token (a job whose first new token is punctuation):
+    # the comma counts as handed out with the context's word, Lyon is handed out once
+    utterance = Utterance(StreamConfig(agreement=1, holdback_tokens=0), tok, word_timestamps=True)
+    utterance.add_audio(speech(3.0))
+    utterance.finish()
+    window = utterance.next_window()
+    utterance.apply(window, Result([stamp(tok, 0.0)] + paris + comma + lyon + [stamp(tok, 2.5)]))
+    words = utterance.words
+    words._sent, words._context, words._context_start = len(paris), 0, 0  # Paris handed out before
+    (job,) = words.jobs()
+    assert job.context == len(paris) and job.tokens == paris + comma + lyon
+    timing = [WordTiming(" Paris,", 0.0, 0.6, 0.9, paris + comma), WordTiming(" Lyon.", 0.8, 1.4, 0.9, lyon)]
+    assert [w.word for w in words.take([job], [WindowWords(timing, 0.5, 1.0)])] == [" Lyon."]
+    assert words.jobs() == []
